@@ -1,0 +1,193 @@
+"""vmcri settings: TOML file with an embedded default for every key.
+
+Unknown keys and bad values fail start-up with the dotted key name, so an
+operator's typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_CONFIG_PATH = "/etc/vmcri/config.toml"
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or has a bad value; the message names the key."""
+
+
+@dataclass
+class RegistryHost:
+    """Where pulls for one registry host go (containerd hosts.toml / CRI-O registries.conf)."""
+    # Endpoints tried in order, e.g. ["http://127.0.0.1:5000"]. The upstream host is
+    # tried last unless `skip_upstream` is set.
+    mirrors: list[str] = field(default_factory=list)
+    insecure: bool = False  # plain HTTP or unverified TLS for the upstream host
+    skip_upstream: bool = False
+
+
+@dataclass
+class Config:
+    socket_path: str = "/run/vmcri/vmcri.sock"
+    root_dir: str = "/var/lib/vmcri"
+    run_dir: str = "/run/vmcri"
+    log_level: str = "info"
+
+    libvirt_uri: str = "qemu:///system"
+    accel: str = "auto"  # auto | kvm | tcg
+
+    # Guest image (kernel, initramfs, erofs root). Empty means <root_dir>/guest/current.
+    guest_image_dir: str = ""
+    default_vcpus: int = 1
+    default_memory_mib: int = 256
+    min_memory_mib: int = 128
+    max_vcpus: int = 8
+    tcg_tb_cache_mib: int = 32
+    agent_timeout_s: float = 90.0
+
+    cni_conf_dir: str = "/etc/cni/net.d"
+    cni_bin_dirs: list[str] = field(default_factory=lambda: ["/opt/cni/bin", "/usr/lib/cni"])
+
+    streaming_address: str = "127.0.0.1"
+    streaming_port: int = 10350
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = 0  # 0 disables the Prometheus endpoint
+
+    # registry host -> RegistryHost, e.g. [registries."registry.k8s.io"] mirrors = [...]
+    registries: dict[str, RegistryHost] = field(default_factory=dict)
+    # host[:port] list served over plain HTTP / unverified TLS.
+    insecure_registries: list[str] = field(default_factory=list)
+    pull_timeout_s: float = 600.0
+
+    cgroup_driver: str = "cgroupfs"
+
+    # -- derived paths -------------------------------------------------------
+    @property
+    def db_path(self) -> str:
+        return os.path.join(self.root_dir, "vmcri.db")
+
+    @property
+    def image_store_dir(self) -> str:
+        return os.path.join(self.root_dir, "images")
+
+    @property
+    def sandboxes_dir(self) -> str:
+        return os.path.join(self.root_dir, "sandboxes")
+
+    @property
+    def sandboxes_run_dir(self) -> str:
+        return os.path.join(self.run_dir, "sandboxes")
+
+    @property
+    def netns_dir(self) -> str:
+        return os.path.join(self.run_dir, "netns")
+
+    @property
+    def guest_dir(self) -> str:
+        return self.guest_image_dir or os.path.join(self.root_dir, "guest", "current")
+
+    def registry_for(self, host: str) -> RegistryHost:
+        reg = self.registries.get(host, RegistryHost())
+        if host in self.insecure_registries and not reg.insecure:
+            reg = dataclasses.replace(reg, insecure=True)
+        return reg
+
+
+_CHOICES = {
+    "accel": ("auto", "kvm", "tcg"),
+    "log_level": ("debug", "info", "warning", "error"),
+    "cgroup_driver": ("cgroupfs", "systemd"),
+}
+_POSITIVE = ("default_vcpus", "default_memory_mib", "min_memory_mib", "max_vcpus",
+             "tcg_tb_cache_mib", "agent_timeout_s", "pull_timeout_s")
+_PORTS = ("streaming_port", "metrics_port")
+
+
+def _check_type(key: str, value, expected):
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _parse_registry(key: str, raw) -> RegistryHost:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a table")
+    reg = RegistryHost()
+    for k, v in raw.items():
+        sub = f"{key}.{k}"
+        if k == "mirrors":
+            if not isinstance(v, list) or not all(isinstance(m, str) for m in v):
+                raise ConfigError(f"{sub}: expected a list of endpoint URLs")
+            for m in v:
+                if not m.startswith(("http://", "https://")):
+                    raise ConfigError(f"{sub}: endpoint {m!r} must start with http:// or https://")
+            reg.mirrors = list(v)
+        elif k in ("insecure", "skip_upstream"):
+            setattr(reg, k, _check_type(sub, v, bool))
+        else:
+            raise ConfigError(f"{sub}: unknown key")
+    return reg
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    hints = {f.name: f.type for f in dataclasses.fields(Config)}
+    simple = {"str": str, "int": int, "float": float, "bool": bool}
+    for key, value in data.items():
+        if key not in hints:
+            raise ConfigError(f"{key}: unknown key")
+        hint = hints[key]
+        if hint in simple:
+            value = _check_type(key, value, simple[hint])
+        elif hint == "list[str]":
+            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                raise ConfigError(f"{key}: expected a list of strings")
+        elif hint == "dict[str, RegistryHost]":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a table of registry hosts")
+            value = {h: _parse_registry(f"{key}.{h}", r) for h, r in value.items()}
+        setattr(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    for key, choices in _CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise ConfigError(f"{key}: {getattr(cfg, key)!r} is not one of {', '.join(choices)}")
+    for key in _POSITIVE:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {getattr(cfg, key)!r}")
+    for key in _PORTS:
+        if not 0 <= getattr(cfg, key) <= 65535:
+            raise ConfigError(f"{key}: {getattr(cfg, key)} is not a TCP port")
+    for key in ("socket_path", "root_dir", "run_dir"):
+        if not os.path.isabs(getattr(cfg, key)):
+            raise ConfigError(f"{key}: must be an absolute path, got {getattr(cfg, key)!r}")
+    if cfg.min_memory_mib < 128:
+        raise ConfigError("min_memory_mib: the guest does not boot below 128")
+    if cfg.default_memory_mib < cfg.min_memory_mib:
+        raise ConfigError(f"default_memory_mib: {cfg.default_memory_mib} is below min_memory_mib {cfg.min_memory_mib}")
+    if cfg.default_vcpus > cfg.max_vcpus:
+        raise ConfigError(f"default_vcpus: {cfg.default_vcpus} is above max_vcpus {cfg.max_vcpus}")
+
+
+def load(path: str | None = None) -> Config:
+    """Load `path`, or the default path when it exists, else the embedded defaults."""
+    explicit = path is not None
+    path = path or DEFAULT_CONFIG_PATH
+    if not os.path.exists(path):
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist")
+        return Config()
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    return from_dict(data)
