@@ -1,0 +1,104 @@
+"""Typed description of a pod VM and its rendering through the Jinja template.
+
+The template (templates/domain.xml.j2) holds the structure; DomainSpec holds
+the values; vmcri.sandbox.designer decides them. Nothing else builds XML.
+"""
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+import jinja2
+
+METADATA_NS = "https://vmcri.dev/xmlns/sandbox/1"
+AGENT_PORT = "vmcri.agent"
+SHARE_TAG = "vmcri-share"
+DOMAIN_PREFIX = "vmcri-"
+
+_env = jinja2.Environment(
+    loader=jinja2.PackageLoader("vmcri", "templates"),
+    autoescape=True,  # every value is XML-escaped: pod names reach the template
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+)
+
+
+@dataclass(frozen=True)
+class SandboxMeta:
+    sandbox_id: str
+    pod_name: str = ""
+    pod_namespace: str = ""
+    pod_uid: str = ""
+    attempt: int = 0
+    role: str = "pod"  # "pod", or "pool" for a pre-booted VM not yet claimed
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    mac: str
+    tap: str
+    mtu: int = 0
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    uuid: str
+    metadata: SandboxMeta
+    kernel: str
+    initrd: str
+    root_disk: str
+    cmdline: str
+    agent_socket: str
+    console_log: str
+    domain_type: str = "qemu"  # "kvm" or "qemu" (TCG)
+    memory_mib: int = 256
+    vcpus: int = 1
+    max_vcpus: int = 1
+    tb_cache_mib: int = 32
+    share_dir: str | None = None
+    share_tag: str = SHARE_TAG
+    agent_port: str = AGENT_PORT
+    nic: NicSpec | None = None
+    emulator: str = "/usr/bin/qemu-system-x86_64"
+
+    def __post_init__(self):
+        if self.domain_type not in ("kvm", "qemu"):
+            raise ValueError(f"domain_type: {self.domain_type!r} is not kvm or qemu")
+        if not 1 <= self.vcpus <= self.max_vcpus:
+            raise ValueError(f"vcpus: {self.vcpus} not within 1..max_vcpus={self.max_vcpus}")
+        if self.memory_mib < 64:
+            raise ValueError(f"memory_mib: {self.memory_mib} is too small to boot")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", self.name):
+            raise ValueError(f"name: {self.name!r} is not a valid domain name")
+
+
+def render_domain(spec: DomainSpec) -> str:
+    return _env.get_template("domain.xml.j2").render(spec=spec, metadata_ns=METADATA_NS)
+
+
+def parse_metadata(xml: str) -> SandboxMeta | None:
+    """Read vmcri's metadata back from a domain XML; None if the domain is not ours."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    node = root.find(f"metadata/{{{METADATA_NS}}}sandbox")
+    if node is None:
+        return None
+
+    def text(tag: str) -> str:
+        child = node.find(f"{{{METADATA_NS}}}{tag}")
+        return (child.text or "") if child is not None else ""
+
+    sandbox_id = text("id")
+    if not sandbox_id:
+        return None
+    try:
+        attempt = int(text("attempt") or 0)
+    except ValueError:
+        attempt = 0
+    return SandboxMeta(sandbox_id=sandbox_id, pod_name=text("name"),
+                       pod_namespace=text("namespace"), pod_uid=text("uid"),
+                       attempt=attempt, role=text("role") or "pod")

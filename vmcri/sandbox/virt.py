@@ -1,0 +1,104 @@
+"""Thin wrappers over the libvirt connection: no policy, no XML building."""
+from __future__ import annotations
+
+import logging
+import threading
+
+import libvirt
+
+from vmcri.sandbox.domain import DOMAIN_PREFIX, SandboxMeta, parse_metadata
+
+log = logging.getLogger(__name__)
+
+
+def _silence_libvirt_stderr(_ctx, _err):
+    # libvirt prints every error to stderr by default; we raise them instead.
+    pass
+
+
+libvirt.registerErrorHandler(_silence_libvirt_stderr, None)
+
+
+class Hypervisor:
+    """One libvirt connection, reopened when it drops."""
+
+    def __init__(self, uri: str = "qemu:///system"):
+        self.uri = uri
+        self._conn: libvirt.virConnect | None = None
+        self._lock = threading.Lock()
+
+    def conn(self) -> libvirt.virConnect:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return self._conn
+                except libvirt.libvirtError:
+                    pass
+            self._conn = libvirt.open(self.uri)
+            return self._conn
+
+    def ping(self) -> str:
+        """Raises libvirt.libvirtError when libvirtd is unreachable; returns the hypervisor version."""
+        v = self.conn().getVersion()
+        return f"{v // 1000000}.{v // 1000 % 1000}.{v % 1000}"
+
+    def create(self, xml: str) -> libvirt.virDomain:
+        """Start a transient domain (it vanishes from libvirt when destroyed)."""
+        return self.conn().createXML(xml, 0)
+
+    def lookup(self, name: str) -> libvirt.virDomain | None:
+        try:
+            return self.conn().lookupByName(name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def is_running(self, name: str) -> bool:
+        dom = self.lookup(name)
+        if dom is None:
+            return False
+        try:
+            return dom.isActive() == 1
+        except libvirt.libvirtError:
+            return False
+
+    def destroy(self, name: str) -> bool:
+        """Destroy (and undefine, if persistent) a domain. False if it was already gone."""
+        dom = self.lookup(name)
+        if dom is None:
+            return False
+        try:
+            if dom.isActive():
+                dom.destroy()
+            if dom.isPersistent():
+                dom.undefine()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+                return False
+            raise
+        return True
+
+    def pid(self, name: str) -> int | None:
+        """The qemu process id, from libvirt's pid file (no parsing of ps output)."""
+        try:
+            with open(f"/run/libvirt/qemu/{name}.pid") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def list_vmcri_domains(self) -> dict[str, SandboxMeta]:
+        """Every domain carrying vmcri metadata, by domain name."""
+        out: dict[str, SandboxMeta] = {}
+        for dom in self.conn().listAllDomains(0):
+            try:
+                name = dom.name()
+                if not name.startswith(DOMAIN_PREFIX):
+                    continue
+                meta = parse_metadata(dom.XMLDesc(0))
+            except libvirt.libvirtError:
+                continue  # vanished while listing
+            if meta is not None:
+                out[name] = meta
+        return out
