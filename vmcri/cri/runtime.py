@@ -1,0 +1,41 @@
+"""RuntimeService servicer: proto <-> service calls only."""
+from __future__ import annotations
+
+from cri_api.v1 import api_pb2 as pb
+from cri_api.v1 import api_pb2_grpc as pb_grpc
+
+import vmcri
+from vmcri.cri.grpc_errors import wrap_all
+
+PENDING = {
+    # RPC -> why it is not there yet; each answers UNIMPLEMENTED with this text.
+    "CheckpointContainer": "checkpointing a VM sandbox's container is not supported",
+}
+
+
+class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
+    def __init__(self, runtime):
+        self.rt = runtime
+
+    def Version(self, request, context):
+        return pb.VersionResponse(version="0.1.0", runtime_name="vmcri",
+                                  runtime_version=vmcri.__version__, runtime_api_version="v1")
+
+    def Status(self, request, context):
+        conditions = [pb.RuntimeCondition(type=t, status=ok, reason=reason, message=msg)
+                      for t, ok, reason, msg in self.rt.conditions()]
+        info = self.rt.status_info() if request.verbose else {}
+        return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), info=info)
+
+    def RuntimeConfig(self, request, context):
+        driver = (pb.CgroupDriver.SYSTEMD if self.rt.cfg.cgroup_driver == "systemd"
+                  else pb.CgroupDriver.CGROUPFS)
+        return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=driver))
+
+    def UpdateRuntimeConfig(self, request, context):
+        # The kubelet sends the pod CIDR here; CNI plugins own addressing, as in containerd.
+        self.rt.pod_cidr = request.runtime_config.network_config.pod_cidr
+        return pb.UpdateRuntimeConfigResponse()
+
+
+wrap_all(RuntimeServicer, pb_grpc.RuntimeServiceServicer, PENDING)

@@ -1,0 +1,138 @@
+"""The vmcri daemon: wires config, state and services, and serves CRI on a unix socket."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+import libvirt
+from cri_api.v1 import api_pb2_grpc as pb_grpc
+
+from vmcri.config import Config
+from vmcri.sandbox import accel
+from vmcri.sandbox.virt import Hypervisor
+from vmcri.store import Store
+
+log = logging.getLogger("vmcri")
+
+
+class Runtime:
+    """Everything the servicers need, built once per daemon."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        for d in (cfg.root_dir, cfg.run_dir):
+            os.makedirs(d, mode=0o711, exist_ok=True)
+        self.store = Store(cfg.db_path)
+        self.hv = Hypervisor(cfg.libvirt_uri)
+        self.accel = accel.choose(cfg.accel)
+        self.pod_cidr = ""
+        self.images = None
+        self.network = None
+        self._build_services()
+
+    def _build_services(self) -> None:
+        try:
+            from vmcri.image.service import ImageService
+            self.images = ImageService(self.cfg, self.store)
+        except ImportError:  # TEMP until the image service lands
+            self.images = None
+        try:
+            from vmcri.network.service import NetworkService
+            self.network = NetworkService(self.cfg)
+        except ImportError:
+            self.network = None
+
+    # -- Status ---------------------------------------------------------------
+    def runtime_condition(self) -> tuple[bool, str, str]:
+        try:
+            version = self.hv.ping()
+        except libvirt.libvirtError as e:
+            return False, "LibvirtUnreachable", f"cannot reach libvirt at {self.cfg.libvirt_uri}: {e}"
+        guest = os.path.join(self.cfg.guest_dir, "manifest.json")
+        if not os.path.exists(guest):
+            return (False, "GuestImageMissing",
+                    f"no guest image at {self.cfg.guest_dir}; run `vmcri image build`")
+        return True, "", f"libvirt {version}, accel {self.accel.name}"
+
+    def network_condition(self) -> tuple[bool, str, str]:
+        if self.network is None:
+            return False, "NetworkPluginNotReady", "pod networking is not available"
+        return self.network.ready()
+
+    def conditions(self):
+        ok, reason, msg = self.runtime_condition()
+        yield "RuntimeReady", ok, reason, msg
+        ok, reason, msg = self.network_condition()
+        yield "NetworkReady", ok, reason, msg
+
+    def status_info(self) -> dict[str, str]:
+        import json
+        return {"config": json.dumps({
+            "accel": self.accel.name, "accelReason": self.accel.reason,
+            "libvirtUri": self.cfg.libvirt_uri, "rootDir": self.cfg.root_dir,
+            "runDir": self.cfg.run_dir, "guestImageDir": self.cfg.guest_dir,
+            "cniConfDir": self.cfg.cni_conf_dir, "cniBinDirs": self.cfg.cni_bin_dirs,
+        })}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def build_server(runtime: Runtime, max_workers: int = 32) -> grpc.Server:
+    from vmcri.cri.runtime import RuntimeServicer
+    try:
+        from vmcri.cri.images import ImageServicer
+    except ImportError:  # TEMP until the image service lands
+        from vmcri.cri.grpc_errors import wrap_all
+
+        class ImageServicer(pb_grpc.ImageServiceServicer):
+            def __init__(self, _svc):
+                pass
+        wrap_all(ImageServicer, pb_grpc.ImageServiceServicer, {})
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cri"),
+                         options=[("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                                  ("grpc.max_send_message_length", 16 * 1024 * 1024)])
+    pb_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(runtime), server)
+    pb_grpc.add_ImageServiceServicer_to_server(ImageServicer(runtime.images), server)
+    return server
+
+
+def bind_unix(server: grpc.Server, path: str) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+    if os.path.exists(path):
+        os.unlink(path)  # stale socket from a previous run
+    old = os.umask(0o177)  # the socket is born 0600: only root may drive the runtime
+    try:
+        server.add_insecure_port(f"unix://{path}")
+        server.start()
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+
+
+def serve(cfg: Config) -> None:
+    runtime = Runtime(cfg)
+    server = build_server(runtime)
+    bind_unix(server, cfg.socket_path)
+    log.info("vmcri serving CRI v1 on unix://%s (accel %s: %s)", cfg.socket_path,
+             runtime.accel.name, runtime.accel.reason)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("signal %d: shutting down (pods keep running)", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    server.stop(grace=5).wait()
+    runtime.close()
+    try:
+        os.unlink(cfg.socket_path)
+    except FileNotFoundError:
+        pass
