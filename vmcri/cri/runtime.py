@@ -4,7 +4,10 @@ from __future__ import annotations
 from cri_api.v1 import api_pb2 as pb
 from cri_api.v1 import api_pb2_grpc as pb_grpc
 
+import time
+
 import vmcri
+from vmcri.sandbox import sandbox_status
 from vmcri.cri.grpc_errors import wrap_all
 
 PENDING = {
@@ -31,6 +34,31 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         driver = (pb.CgroupDriver.SYSTEMD if self.rt.cfg.cgroup_driver == "systemd"
                   else pb.CgroupDriver.CGROUPFS)
         return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=driver))
+
+    # -- pod sandboxes -----------------------------------------------------------
+    def RunPodSandbox(self, request, context):
+        sandbox_id = self.rt.sandboxes.run(request.config, request.runtime_handler)
+        return pb.RunPodSandboxResponse(pod_sandbox_id=sandbox_id)
+
+    def StopPodSandbox(self, request, context):
+        self.rt.sandboxes.stop(request.pod_sandbox_id)
+        return pb.StopPodSandboxResponse()
+
+    def RemovePodSandbox(self, request, context):
+        self.rt.sandboxes.remove(request.pod_sandbox_id)
+        return pb.RemovePodSandboxResponse()
+
+    def PodSandboxStatus(self, request, context):
+        status, info = sandbox_status.status(self.rt.sandboxes, request.pod_sandbox_id,
+                                             request.verbose)
+        containers = self.rt.container_statuses(status.id)
+        return pb.PodSandboxStatusResponse(status=status, info=info,
+                                           containers_statuses=containers,
+                                           timestamp=time.time_ns())
+
+    def ListPodSandbox(self, request, context):
+        flt = request.filter if request.HasField("filter") else None
+        return pb.ListPodSandboxResponse(items=sandbox_status.list_sandboxes(self.rt.sandboxes, flt))
 
     def UpdateRuntimeConfig(self, request, context):
         # The kubelet sends the pod CIDR here; CNI plugins own addressing, as in containerd.

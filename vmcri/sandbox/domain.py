@@ -32,6 +32,7 @@ class SandboxMeta:
     pod_uid: str = ""
     attempt: int = 0
     role: str = "pod"  # "pod", or "pool" for a pre-booted VM not yet claimed
+    owner: str = ""  # root_dir of the vmcri instance that made it; reconcile touches only its own
 
 
 @dataclass(frozen=True)
@@ -101,4 +102,4 @@ def parse_metadata(xml: str) -> SandboxMeta | None:
         attempt = 0
     return SandboxMeta(sandbox_id=sandbox_id, pod_name=text("name"),
                        pod_namespace=text("namespace"), pod_uid=text("uid"),
-                       attempt=attempt, role=text("role") or "pod")
+                       attempt=attempt, role=text("role") or "pod", owner=text("owner"))

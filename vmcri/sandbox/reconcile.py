@@ -1,0 +1,52 @@
+"""Daemon start: make libvirt, mounts and netns agree with the rows.
+
+- READY row, domain running   -> keep (the agent reconnects on first use)
+- READY row, domain gone      -> NOTREADY
+- CREATING row                -> the daemon died mid-create: roll it back entirely
+- domain with vmcri metadata but no row -> destroy it (no VM leaks)
+- netns under our run dir with no row   -> tear down
+"""
+from __future__ import annotations
+
+import logging
+
+from vmcri.sandbox.model import CREATING, NOTREADY, READY
+from vmcri.sandbox.sandbox_stop import release_host_files
+
+log = logging.getLogger(__name__)
+
+
+def reconcile(svc) -> dict:
+    report = {"kept": 0, "notready": 0, "rolled_back": 0, "orphan_domains": 0}
+    domains = {name: meta for name, meta in svc.hv.list_vmcri_domains().items()
+               if meta.owner == svc.cfg.root_dir}  # another vmcri instance's VMs are not ours
+    by_sandbox = {meta.sandbox_id: name for name, meta in domains.items()}
+    known = set()
+    for rec in svc.table.all():
+        known.add(rec.id)
+        running = rec.domain in domains and svc.hv.is_running(rec.domain)
+        if rec.state == CREATING:
+            log.warning("sandbox %s was being created when the daemon stopped: rolling back",
+                        rec.id[:12])
+            svc.hv.destroy(rec.domain)
+            if rec.netns and svc.network is not None:
+                svc.network.teardown(rec.id, rec.netns)
+            release_host_files(svc, rec.id)
+            svc.table.delete(rec.id)
+            report["rolled_back"] += 1
+        elif rec.state == READY and not running:
+            svc.table.update(rec.id, state=NOTREADY,
+                             reason="VMGone: the pod VM was not running at daemon start")
+            report["notready"] += 1
+        else:
+            report["kept"] += 1
+    for sandbox_id, name in by_sandbox.items():
+        if sandbox_id not in known:
+            log.warning("destroying orphan domain %s (no sandbox row)", name)
+            svc.hv.destroy(name)
+            report["orphan_domains"] += 1
+    if svc.network is not None and hasattr(svc.network, "cleanup_orphans"):
+        live = {r.id for r in svc.table.all()}
+        svc.network.cleanup_orphans(live)
+    log.info("reconcile: %s", report)
+    return report

@@ -1,0 +1,80 @@
+"""PodSandboxStatus and ListPodSandbox: rows (refreshed against libvirt) -> CRI messages."""
+from __future__ import annotations
+
+import json
+
+from cri_api.v1 import api_pb2 as pb
+
+from vmcri.sandbox.model import READY, SandboxRecord
+
+_STATE = {READY: pb.PodSandboxState.SANDBOX_READY}
+
+
+def _metadata(rec: SandboxRecord) -> pb.PodSandboxMetadata:
+    return pb.PodSandboxMetadata(name=rec.name, namespace=rec.namespace, uid=rec.uid,
+                                 attempt=rec.attempt)
+
+
+def _state(rec: SandboxRecord) -> int:
+    return _STATE.get(rec.state, pb.PodSandboxState.SANDBOX_NOTREADY)
+
+
+def to_status(svc, rec: SandboxRecord) -> pb.PodSandboxStatus:
+    config = pb.PodSandboxConfig.FromString(rec.config)
+    ips = [ip["address"].split("/")[0] for ip in rec.network.get("ips", [])]
+    ns = config.linux.security_context.namespace_options
+    return pb.PodSandboxStatus(
+        id=rec.id, metadata=_metadata(rec), state=_state(rec), created_at=rec.created_ns,
+        network=pb.PodSandboxNetworkStatus(
+            ip=ips[0] if ips else "",
+            additional_ips=[pb.PodIP(ip=ip) for ip in ips[1:]]),
+        linux=pb.LinuxPodSandboxStatus(namespaces=pb.Namespace(options=pb.NamespaceOption(
+            network=ns.network, pid=ns.pid, ipc=ns.ipc, target_id=ns.target_id))),
+        labels=rec.labels, annotations=rec.annotations, runtime_handler=rec.runtime_handler)
+
+
+def verbose_info(svc, rec: SandboxRecord) -> dict[str, str]:
+    paths = svc.paths(rec.id)
+    info = {
+        "vm": {"domain": rec.domain, "accel": rec.resources.get("accel"),
+               "vcpus": rec.resources.get("vcpus"), "memoryMiB": rec.resources.get("memory_mib"),
+               "sizing": rec.resources.get("sizing"), "qemuPid": svc.hv.pid(rec.domain),
+               "running": svc.hv.is_running(rec.domain)},
+        "consoleLog": paths.console_log,
+        "shareDir": paths.share_dir,
+        "agentSocket": paths.agent_socket,
+        "netns": rec.netns,
+        "network": rec.network,
+        "timings": rec.timings,
+        "reason": rec.reason,
+        "config": json.loads(_config_json(rec)),
+    }
+    return {"info": json.dumps(info, sort_keys=True)}
+
+
+def _config_json(rec: SandboxRecord) -> str:
+    from google.protobuf import json_format
+    return json_format.MessageToJson(pb.PodSandboxConfig.FromString(rec.config))
+
+
+def status(svc, sandbox_id: str, verbose: bool):
+    rec = svc.refresh(svc.get(sandbox_id))
+    return to_status(svc, rec), (verbose_info(svc, rec) if verbose else {})
+
+
+def list_sandboxes(svc, flt: pb.PodSandboxFilter | None) -> list[pb.PodSandbox]:
+    out = []
+    for rec in svc.table.all():
+        if flt is not None:
+            if flt.id and not rec.id.startswith(flt.id):
+                continue
+            if any(rec.labels.get(k) != v for k, v in flt.label_selector.items()):
+                continue
+        rec = svc.refresh(rec)
+        if flt is not None and flt.HasField("state") and _state(rec) != flt.state.state:
+            continue
+        out.append(pb.PodSandbox(id=rec.id, metadata=_metadata(rec), state=_state(rec),
+                                 created_at=rec.created_ns, labels=rec.labels,
+                                 annotations=rec.annotations,
+                                 runtime_handler=rec.runtime_handler))
+    return out

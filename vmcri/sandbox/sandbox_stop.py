@@ -1,0 +1,80 @@
+"""StopPodSandbox and RemovePodSandbox. Both are idempotent: whatever is already
+gone is skipped, and a second call finds nothing left to do."""
+from __future__ import annotations
+
+import logging
+import shutil
+
+from vmcri.errors import NotFound
+from vmcri.sandbox import hostfs
+from vmcri.sandbox.model import NOTREADY, SandboxRecord
+
+log = logging.getLogger(__name__)
+
+
+def _run_hooks(hooks, rec: SandboxRecord, what: str) -> None:
+    for hook in hooks:
+        try:
+            hook(rec)
+        except Exception:
+            log.exception("%s hook failed for sandbox %s", what, rec.id[:12])
+
+
+def _shutdown_vm(svc, rec: SandboxRecord) -> None:
+    svc.drop_agent(rec.id)
+    svc.hv.destroy(rec.domain)
+
+
+def _teardown_network(svc, rec: SandboxRecord) -> None:
+    if rec.netns and svc.network is not None:
+        svc.network.teardown(rec.id, rec.netns)
+
+
+def stop_pod_sandbox(svc, sandbox_id: str) -> None:
+    rec = svc.get(sandbox_id)  # unknown id -> NOT_FOUND, as containerd does
+    with svc.lock(rec.id):
+        rec = svc.table.get(rec.id)
+        if rec is None:
+            return
+        _run_hooks(svc.on_stop, rec, "stop")
+        _shutdown_vm(svc, rec)
+        _teardown_network(svc, rec)
+        svc.table.update(rec.id, state=NOTREADY, netns="",
+                         reason=rec.reason or "stopped")
+
+
+def remove_pod_sandbox(svc, sandbox_id: str) -> None:
+    try:
+        rec = svc.get(sandbox_id)
+    except NotFound:
+        return  # already removed: success, as the CRI spec asks
+    with svc.lock(rec.id):
+        rec = svc.table.get(rec.id)
+        if rec is None:
+            return
+        _run_hooks(svc.on_stop, rec, "stop")
+        _shutdown_vm(svc, rec)
+        _teardown_network(svc, rec)
+        _run_hooks(svc.on_remove, rec, "remove")
+        release_host_files(svc, rec.id)
+        svc.table.delete(rec.id)
+
+
+def release_host_files(svc, sandbox_id: str) -> None:
+    paths = svc.paths(sandbox_id)
+    hostfs.unmount_tree(paths.state_dir)
+    shutil.rmtree(paths.state_dir, ignore_errors=True)
+    shutil.rmtree(paths.run_dir, ignore_errors=True)
+
+
+def mark_vm_gone(svc, rec: SandboxRecord) -> SandboxRecord:
+    """The domain vanished (qemu killed or crashed): the pod is NOTREADY."""
+    with svc.lock(rec.id):
+        fresh = svc.table.get(rec.id)
+        if fresh is None or fresh.state != "READY" or svc.hv.is_running(fresh.domain):
+            return fresh or rec
+        log.warning("pod VM %s of %s/%s is gone", fresh.domain, fresh.namespace, fresh.name)
+        svc.drop_agent(fresh.id)
+        svc.table.update(fresh.id, state=NOTREADY, reason="VMGone: the pod VM exited unexpectedly")
+        _run_hooks(svc.on_vm_gone, fresh, "vm-gone")
+        return svc.table.get(fresh.id) or fresh
