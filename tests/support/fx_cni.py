@@ -1,0 +1,109 @@
+"""CNI fixtures: a private "host" netns, a CNI conf dir and a NetworkService on real plugins.
+
+Every test runs its CNI work inside a network namespace it creates (`cni_host`): the test
+bridge, ip_forward, iptables rules and test traffic never reach the real host namespace.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+
+import pytest
+
+from vmcri.config import Config
+from vmcri.network import netns
+
+TEST_BRIDGE = "vmcri-tbr0"
+TEST_SUBNET = "10.89.0.0/24"
+TEST_GATEWAY = "10.89.0.1"
+SYSTEM_CNI_BIN = "/usr/lib/cni"
+
+
+def bridge_conflist(data_dir: str, name: str = "vmcri-test", version: str = "1.0.0",
+                    portmap: bool = True) -> dict:
+    plugins = [{
+        "type": "bridge", "bridge": TEST_BRIDGE, "isGateway": True, "ipMasq": False,
+        "hairpinMode": True,
+        "ipam": {"type": "host-local", "dataDir": data_dir,
+                 "ranges": [[{"subnet": TEST_SUBNET, "gateway": TEST_GATEWAY}]],
+                 "routes": [{"dst": "0.0.0.0/0"}]},
+    }]
+    if portmap:
+        plugins.append({"type": "portmap", "capabilities": {"portMappings": True}})
+    return {"cniVersion": version, "name": name, "plugins": plugins}
+
+
+class HostNetns:
+    """A netns standing in for the host; the main thread runs inside it while active."""
+
+    def __init__(self, base: str):
+        self.dir = os.path.join(base, "hostns")
+        self.path = netns.create(self.dir, "host-" + uuid.uuid4().hex[:8])
+        subprocess.run(["nsenter", f"--net={self.path}", "ip", "link", "set", "lo", "up"],
+                       check=True)
+        self._ctx = netns.InNetns(self.path)
+
+    def __enter__(self):
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+    def remove(self):
+        netns.delete_path(self.path)
+        netns.release_dir(self.dir)
+
+
+def run_in(path: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["nsenter", f"--net={path}", *args], capture_output=True, text=True,
+                          check=check, timeout=60)
+
+
+@pytest.fixture
+def cni_base():
+    base = tempfile.mkdtemp(prefix="vmcri-cni-")
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def cni_host(cni_base):
+    """Enter a fresh "host" netns for the test; the bridge dies with it."""
+    host = HostNetns(cni_base)
+    with host:
+        try:
+            yield host
+        finally:
+            subprocess.run(["ip", "link", "del", TEST_BRIDGE], capture_output=True)
+    host.remove()
+
+
+@pytest.fixture
+def cni_conf(cni_base):
+    """Write a bridge + host-local + portmap conflist; returns (conf_dir, ipam_data_dir)."""
+    conf_dir = os.path.join(cni_base, "net.d")
+    data_dir = os.path.join(cni_base, "ipam")
+    os.makedirs(conf_dir)
+    with open(os.path.join(conf_dir, "10-vmcri-test.conflist"), "w") as f:
+        json.dump(bridge_conflist(data_dir), f)
+    return conf_dir, data_dir
+
+
+@pytest.fixture
+def net_cfg(cni_base, cni_conf):
+    return Config(root_dir=os.path.join(cni_base, "root"), run_dir=os.path.join(cni_base, "run"),
+                  cni_conf_dir=cni_conf[0], cni_bin_dirs=[SYSTEM_CNI_BIN])
+
+
+@pytest.fixture
+def network_service(net_cfg, cni_host):
+    from vmcri.network.service import NetworkService
+    svc = NetworkService(net_cfg)
+    yield svc
+    svc.cleanup_orphans([])
+    netns.release_dir(net_cfg.netns_dir)
