@@ -1,0 +1,180 @@
+"""Registry transport through skopeo: manifests, configs and layer blobs.
+
+skopeo does the protocol work (token auth, redirects, retries of the HTTP layer);
+we choose endpoints (mirrors, then upstream), hand it credentials in a 0600
+authfile, and translate its failures into errors that name registry and repo.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+from vmcri.config import Config
+from vmcri.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable, VmcriError
+from vmcri.image.reference import Reference
+
+log = logging.getLogger("vmcri.image.transport")
+
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_CONFIG_BYTES = 8 << 20
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+_STDERR_TAIL = 600
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str          # host[:port] that goes into docker://HOST/repo
+    tls_verify: bool
+    mirror: bool
+
+    def url(self, ref: Reference, spec: str) -> str:
+        """`spec` is ':tag' or '@sha256:...'."""
+        return f"docker://{self.host}/{ref.path}{spec}"
+
+    def __str__(self) -> str:
+        scheme = "https" if self.tls_verify else "http/insecure"
+        return f"{'mirror ' if self.mirror else ''}{self.host} ({scheme})"
+
+
+@dataclass
+class Credentials:
+    username: str = ""
+    password: str = ""
+    identity_token: str = ""
+    registry_token: str = ""
+
+    @classmethod
+    def from_auth(cls, auth: dict | None) -> "Credentials | None":
+        """CRI AuthConfig as a dict (username, password, auth, identity_token, registry_token)."""
+        if not auth:
+            return None
+        creds = cls(username=auth.get("username") or "", password=auth.get("password") or "",
+                    identity_token=auth.get("identity_token") or "",
+                    registry_token=auth.get("registry_token") or "")
+        encoded = auth.get("auth") or ""
+        if encoded and not creds.username:
+            try:
+                user, sep, pw = base64.b64decode(encoded, validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                raise InvalidArgument("auth.auth: not base64 of 'user:password'") from None
+            if not sep:
+                raise InvalidArgument("auth.auth: decoded value has no ':' between user and password")
+            creds.username, creds.password = user, pw
+        if creds.password and not creds.username:
+            raise InvalidArgument("auth.username: required when auth.password is set")
+        if not (creds.username or creds.identity_token or creds.registry_token):
+            return None
+        return creds
+
+
+def endpoints_for(cfg: Config, ref: Reference) -> list[Endpoint]:
+    reg = cfg.registry_for(ref.domain)
+    eps = []
+    for m in reg.mirrors:
+        scheme, _, rest = m.partition("://")
+        host = rest.split("/", 1)[0]
+        eps.append(Endpoint(host, tls_verify=(scheme == "https"), mirror=True))
+    if not reg.skip_upstream or not eps:
+        upstream = "registry-1.docker.io" if ref.domain == "docker.io" else ref.domain
+        hostname = ref.domain.rsplit(":", 1)[0] if not ref.domain.startswith("[") else ref.domain.split("]")[0] + "]"
+        insecure = reg.insecure or hostname in LOOPBACK_HOSTS
+        eps.append(Endpoint(upstream, tls_verify=not insecure, mirror=False))
+    return eps
+
+
+class Session:
+    """One pull's skopeo environment: authfile and an empty registries.conf so host-wide
+    mirror/credential settings never change what vmcri's own config says."""
+
+    def __init__(self, creds: Credentials | None, hosts: list[str], workdir: str,
+                 skopeo: str = "skopeo", timeout: float = 600.0):
+        self.creds, self.skopeo, self.timeout = creds, skopeo, timeout
+        self.dir = tempfile.mkdtemp(prefix="skopeo-", dir=workdir)
+        os.chmod(self.dir, 0o700)
+        self.authfile = os.path.join(self.dir, "auth.json")
+        auths = {}
+        if creds and (creds.username or creds.identity_token):
+            user = creds.username or "<token>"
+            entry = {"auth": base64.b64encode(f"{user}:{creds.password}".encode()).decode()}
+            if creds.identity_token:
+                entry["identitytoken"] = creds.identity_token
+            auths = {h: entry for h in hosts}
+        fd = os.open(self.authfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"auths": auths}, f)
+        self.registries_conf = os.path.join(self.dir, "registries.conf")
+        with open(self.registries_conf, "w") as f:
+            f.write("# vmcri: registries come from vmcri's config only\n")
+
+    def close(self) -> None:
+        for name in os.listdir(self.dir):
+            os.unlink(os.path.join(self.dir, name))
+        os.rmdir(self.dir)
+
+    def _env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_AUTH", "DOCKER_"))}
+        env["CONTAINERS_REGISTRIES_CONF"] = self.registries_conf
+        env["REGISTRY_AUTH_FILE"] = self.authfile
+        return env
+
+    def _run(self, args: list[str], what: str, ep: Endpoint, ref: Reference, limit: int) -> bytes:
+        log.debug("skopeo %s", " ".join(a for a in args if "token" not in a))
+        try:
+            proc = subprocess.run([self.skopeo, *args], stdin=subprocess.DEVNULL,
+                                  capture_output=True, timeout=self.timeout, env=self._env())
+        except subprocess.TimeoutExpired:
+            raise Unavailable(f"{what} from registry {ep} for repository {ref.path}: "
+                              f"timed out after {self.timeout:.0f}s") from None
+        if proc.returncode != 0:
+            raise classify(proc.stderr.decode(errors="replace"), what, ep, ref)
+        if len(proc.stdout) > limit:
+            raise Unavailable(f"{what} from registry {ep}: {len(proc.stdout)} bytes exceeds {limit}")
+        return proc.stdout
+
+    def _src_flags(self, ep: Endpoint, prefix: str) -> list[str]:
+        flags = [f"--{prefix}tls-verify={'true' if ep.tls_verify else 'false'}",
+                 f"--{prefix}authfile={self.authfile}"]
+        if self.creds and self.creds.registry_token:
+            flags.append(f"--{prefix}registry-token={self.creds.registry_token}")
+        return flags
+
+    def manifest(self, ep: Endpoint, ref: Reference, spec: str) -> bytes:
+        return self._run(["inspect", "--raw", "--retry-times=1", *self._src_flags(ep, ""),
+                          ep.url(ref, spec)], f"manifest {ref.path}{spec}", ep, ref,
+                         MAX_MANIFEST_BYTES)
+
+    def config(self, ep: Endpoint, ref: Reference, manifest_digest: str) -> bytes:
+        return self._run(["inspect", "--raw", "--config", "--retry-times=1",
+                          *self._src_flags(ep, ""), ep.url(ref, "@" + manifest_digest)],
+                         f"config of {ref.path}@{manifest_digest}", ep, ref, MAX_CONFIG_BYTES)
+
+    def copy_blobs(self, ep: Endpoint, ref: Reference, manifest_digest: str, shared_dir: str,
+                   layout_dir: str) -> None:
+        """Fetch the image's blobs into `shared_dir/sha256/<hex>`. Blobs already there
+        (hard links to what the store holds) are not transferred again."""
+        self._run(["copy", "--quiet", "--retry-times=1", *self._src_flags(ep, "src-"),
+                   f"--dest-shared-blob-dir={shared_dir}",
+                   ep.url(ref, "@" + manifest_digest), f"oci:{layout_dir}:pull"],
+                  f"layers of {ref.path}@{manifest_digest}", ep, ref, 1 << 20)
+
+
+def classify(stderr: str, what: str, ep: Endpoint, ref: Reference) -> VmcriError:
+    low = stderr.lower()
+    tail = stderr.strip().splitlines()[-1][-_STDERR_TAIL:] if stderr.strip() else "no output"
+    where = f"registry {ep}"
+    if "name unknown" in low or "repository name not known" in low or "name_unknown" in low:
+        return NotFound(f"repository {ref.path!r} not found in {where}: {tail}")
+    if "manifest unknown" in low or "manifest_unknown" in low or "not found" in low and "manifest" in low:
+        return NotFound(f"{what}: not found in {where} (repository {ref.path!r}): {tail}")
+    if ("unauthorized" in low or "authentication required" in low or "invalid username/password" in low
+            or "denied" in low or "401" in low):
+        return Unauthenticated(f"{what}: {where} rejected the credentials or requires them: {tail}")
+    if "did not match" in low or "digest" in low and "mismatch" in low:
+        return Unavailable(f"{what}: content from {where} failed digest verification: {tail}")
+    return Unavailable(f"{what}: {where} unreachable or failed: {tail}")

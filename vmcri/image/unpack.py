@@ -1,0 +1,209 @@
+"""Unpack one OCI layer tar into a directory in overlayfs form.
+
+`.wh.NAME` becomes a whiteout (char device 0:0 named NAME) and `.wh..wh..opq` the
+`trusted.overlay.opaque=y` xattr, so a stack of these dirs works directly as
+overlay lowerdirs. The diff_id (sha256 of the uncompressed tar) is checked while
+streaming. Layers are hostile input: no member may write outside the target,
+and nothing is ever written through a symlink.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import stat
+import tarfile
+import zlib
+
+from vmcri.errors import Unimplemented, VmcriError
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+_XATTR_PREFIX = "SCHILY.xattr."
+_COPY_CHUNK = 1 << 20
+
+
+class LayerError(VmcriError):
+    """A layer that cannot be unpacked safely or does not match its diff_id."""
+    pass
+
+
+class _HashingReader(io.RawIOBase):
+    """Pass-through reader that hashes what the tar reader consumes."""
+
+    def __init__(self, raw):
+        self.raw, self.sha = raw, hashlib.sha256()
+        self.count = 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        data = self.raw.read(len(buf))
+        n = len(data)
+        buf[:n] = data
+        self.sha.update(data)
+        self.count += n
+        return n
+
+    def drain(self) -> None:
+        """Hash the tail after the tar end marker too: diff_id covers the whole stream."""
+        while True:
+            data = self.raw.read(_COPY_CHUNK)
+            if not data:
+                return
+            self.sha.update(data)
+            self.count += len(data)
+
+
+def _decompressed(f):
+    magic = f.read(4)
+    f.seek(0)
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    if magic == b"\x28\xb5\x2f\xfd":
+        raise Unimplemented("zstd-compressed layers are not supported yet")
+    return f
+
+
+def _safe_relpath(name: str) -> str | None:
+    """Archive name -> normalised relative path, '' for the root; None if it escapes."""
+    parts = []
+    for comp in name.replace("\\", "/").split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            return None
+        parts.append(comp)
+    return "/".join(parts)
+
+
+def _ensure_parents(root: str, rel: str) -> str:
+    """Create missing parents of `rel` as dirs, refusing any symlink on the way."""
+    cur = root
+    for comp in rel.split("/")[:-1]:
+        cur = os.path.join(cur, comp)
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            os.mkdir(cur, 0o755)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise LayerError(f"layer entry {rel!r}: parent {comp!r} is not a directory")
+    return os.path.join(root, rel)
+
+
+def _remove_existing(path: str, keep_dir: bool) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if keep_dir:
+            return
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _apply_meta(path: str, m: tarfile.TarInfo, is_link: bool) -> None:
+    os.chown(path, m.uid, m.gid, follow_symlinks=False)
+    for key, value in m.pax_headers.items():
+        if key.startswith(_XATTR_PREFIX):
+            name = key[len(_XATTR_PREFIX):]
+            if name.startswith("trusted.overlay."):
+                continue  # only whiteout markers may set overlay metadata
+            raw = value.encode("utf-8", "surrogateescape")
+            try:
+                os.setxattr(path, name, raw, follow_symlinks=False)
+            except OSError:
+                pass  # e.g. user.* on a symlink; not worth failing the pull
+    if not is_link:
+        os.chmod(path, stat.S_IMODE(m.mode))
+    os.utime(path, ns=(int(m.mtime * 1e9),) * 2, follow_symlinks=False)
+
+
+def unpack_layer(blob_path: str, dest: str, diff_id: str) -> int:
+    """Unpack `blob_path` (tar, tar+gzip) into the empty dir `dest`.
+    Returns the tar's uncompressed size; raises LayerError on a bad layer or diff_id."""
+    dir_times: list[tuple[str, int]] = []
+    with open(blob_path, "rb") as f:
+        raw = _decompressed(f)
+        reader = _HashingReader(raw)
+        buffered = io.BufferedReader(reader, _COPY_CHUNK)
+        try:
+            with tarfile.open(fileobj=buffered, mode="r|", errorlevel=2) as tar:
+                for m in tar:
+                    _extract_member(tar, m, dest, dir_times)
+            reader.drain()
+        except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError, zlib.error) as e:
+            if isinstance(e, LayerError):
+                raise
+            raise LayerError(f"layer {diff_id}: corrupt archive: {e}") from e
+    got = "sha256:" + reader.sha.hexdigest()
+    if got != diff_id:
+        raise LayerError(f"layer diff_id mismatch: config says {diff_id}, content is {got}")
+    for path, mtime in reversed(dir_times):
+        os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+    return reader.count
+
+
+def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, dest: str,
+                    dir_times: list) -> None:
+    rel = _safe_relpath(m.name)
+    if rel is None:
+        raise LayerError(f"layer entry {m.name!r} escapes the layer root")
+    base = rel.rsplit("/", 1)[-1]
+    if rel == "":
+        if m.isdir():
+            _apply_meta(dest, m, False)
+            dir_times.append((dest, int(m.mtime * 1e9)))
+        return
+    if base == OPAQUE_MARKER:
+        parent = _ensure_parents(dest, rel).rsplit("/", 1)[0]
+        os.setxattr(parent, OPAQUE_XATTR, b"y")
+        return
+    if base.startswith(WHITEOUT_PREFIX):
+        target_rel = rel[: len(rel) - len(base)] + base[len(WHITEOUT_PREFIX):]
+        path = _ensure_parents(dest, target_rel)
+        _remove_existing(path, keep_dir=False)
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
+        return
+    path = _ensure_parents(dest, rel)
+    if m.isdir():
+        _remove_existing(path, keep_dir=True)
+        if not os.path.lexists(path):
+            os.mkdir(path, 0o700)
+        _apply_meta(path, m, False)
+        dir_times.append((path, int(m.mtime * 1e9)))
+        return
+    _remove_existing(path, keep_dir=False)
+    if m.isreg():
+        src = tar.extractfile(m)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            while chunk := src.read(_COPY_CHUNK):
+                out.write(chunk)
+        _apply_meta(path, m, False)
+    elif m.issym():
+        os.symlink(m.linkname, path)
+        _apply_meta(path, m, True)
+    elif m.islnk():
+        target = _safe_relpath(m.linkname)
+        if not target:
+            raise LayerError(f"layer entry {m.name!r}: hard link target {m.linkname!r} escapes")
+        target_path = os.path.join(dest, target)
+        _ensure_parents(dest, target)
+        if not os.path.lexists(target_path):
+            raise LayerError(f"layer entry {m.name!r}: hard link target {m.linkname!r} is missing")
+        os.link(target_path, path, follow_symlinks=False)
+    elif m.ischr() or m.isblk() or m.isfifo():
+        kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
+        dev = os.makedev(m.devmajor, m.devminor) if kind != stat.S_IFIFO else 0
+        os.mknod(path, 0o600 | kind, dev)
+        _apply_meta(path, m, False)
+    else:
+        raise LayerError(f"layer entry {m.name!r}: unsupported tar type {m.type!r}")
