@@ -482,8 +482,11 @@ def _annotations(container_id: str, sandbox_id: str, config: api_pb2.ContainerCo
 def _namespaces(sec: api_pb2.LinuxContainerSecurityContext) -> list[dict]:
     # Network, IPC and UTS are the guest's (= the pod's): no entry means "join the
     # runtime's own". A pod-shared (or target) PID namespace is likewise the guest's.
+    # POD is the proto's zero value, so with no namespace_options at all the container
+    # gets its own PID namespace (what the kubelet asks for unless shareProcessNamespace).
     namespaces = [{"type": "mount"}]
-    if sec.namespace_options.pid == api_pb2.CONTAINER:
+    opts = sec.namespace_options
+    if not sec.HasField("namespace_options") or opts.pid == api_pb2.CONTAINER:
         namespaces.append({"type": "pid"})
     namespaces.append({"type": "cgroup"})
     return namespaces
