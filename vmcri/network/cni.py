@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 from dataclasses import dataclass, field
 
@@ -198,9 +199,7 @@ class CNIRuntime:
         env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         what = f"CNI plugin {ptype!r} ({path}) {command} for {rt.container_id[:12]}"
         try:
-            proc = subprocess.run([path], input=json.dumps(conf).encode(), env=env,
-                                  capture_output=True, timeout=self.timeout_s,
-                                  close_fds=True, cwd="/")
+            proc = _run_bounded([path], json.dumps(conf).encode(), env, self.timeout_s)
         except subprocess.TimeoutExpired as e:
             tail = (e.stderr or b"")[-STDERR_TAIL:].decode("utf-8", "replace")
             raise errors.DeadlineExceeded(
@@ -256,6 +255,24 @@ class CNIRuntime:
                 raise failures[0]
             raise CNIPluginError("; ".join(str(f) for f in failures),
                                  plugin=",".join(getattr(f, "plugin", "") for f in failures))
+
+
+def _run_bounded(argv, stdin: bytes, env: dict, timeout_s: float):
+    """subprocess.run, but a timeout kills the plugin's whole process group, so a child it
+    forked cannot keep our pipes open."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd="/", close_fds=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(stdin, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(argv, timeout_s, output=out, stderr=err) from None
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def _plugin_failure(what: str, ptype: str, rc: int, stdout: bytes, stderr: str):
