@@ -73,7 +73,7 @@ CONTAINER_CASES = [
     (_set("linux.security_context.namespace_options.network", cri.NODE),
      r"namespace_options\.network: a VM sandbox cannot share host namespaces"),
     (lambda c: (c.linux.security_context.run_as_user.SetInParent(),
-                setattr(c.linux.security_context, "run_as_username", "bob"))),
+                setattr(c.linux.security_context, "run_as_username", "bob")),
      r"run_as_username: must not be set together with run_as_user"),
     (lambda c: c.linux.security_context.masked_paths.append("proc/x"),
      r"security_context\.masked_paths\[0\]: must be an absolute path"),
