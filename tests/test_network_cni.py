@@ -12,7 +12,7 @@ from tests.support.fx_cni import (SYSTEM_CNI_BIN, TEST_BRIDGE, TEST_GATEWAY, TES
 from vmcri import errors
 from vmcri.config import Config
 from vmcri.network import cni, netns
-from vmcri.network.service import NetworkService, port_mappings_arg
+from vmcri.network.service import NetworkService, dns_arg, port_mappings_arg
 
 SID = "5a" * 32
 SID2 = "6b" * 32
@@ -102,6 +102,15 @@ def test_port_mappings_from_cri_fields():
         port_mappings_arg([{"container_port": 80, "host_port": 70000}])
     with pytest.raises(errors.InvalidArgument, match=r"port_mappings\[0\].protocol"):
         port_mappings_arg([{"container_port": 80, "host_port": 80, "protocol": 9}])
+
+
+def test_dns_capability_from_cri_dns_config():
+    from cri_api.v1 import api_pb2 as pb
+    d = pb.DNSConfig(servers=["10.96.0.10"], searches=["default.svc.cluster.local"],
+                     options=["ndots:5"])
+    assert dns_arg(d) == {"servers": ["10.96.0.10"], "searches": ["default.svc.cluster.local"],
+                          "options": ["ndots:5"]}
+    assert dns_arg(pb.DNSConfig()) == {} and dns_arg(None) == {}
 
 
 # -- ADD / CHECK / DEL with the real plugins ----------------------------------------------------
@@ -261,3 +270,57 @@ def test_test_bridge_stays_in_the_private_host_netns(network_service):
     real_host = subprocess.run(["nsenter", "--net=/proc/1/ns/net", "ip", "-j", "link", "show",
                                 TEST_BRIDGE], capture_output=True)
     assert real_host.returncode != 0
+
+
+@pytest.mark.parametrize("version, as_conf", [("0.3.1", True), ("0.4.0", False)])
+def test_add_del_with_older_spec_versions(cni_base, cni_host, version, as_conf):
+    conf_dir = os.path.join(cni_base, f"v{version}.d")
+    os.makedirs(conf_dir)
+    data_dir = os.path.join(cni_base, "ipam-old")
+    conflist = bridge_conflist(data_dir, version=version, portmap=False)
+    if as_conf:  # a single-plugin .conf, wrapped into a list
+        _write(conf_dir, "10.conf", dict(conflist["plugins"][0], name=conflist["name"],
+                                         cniVersion=version))
+    else:
+        _write(conf_dir, "10.conflist", conflist)
+    svc = NetworkService(Config(root_dir=os.path.join(cni_base, "root"),
+                                run_dir=os.path.join(cni_base, "run"),
+                                cni_conf_dir=conf_dir, cni_bin_dirs=[SYSTEM_CNI_BIN]))
+    try:
+        res = svc.setup(SID, "web", "default")
+        assert res.raw_result["cniVersion"] == version
+        assert ipaddress.ip_interface(res.ips[0]["address"]).network == \
+            ipaddress.ip_network(TEST_SUBNET)
+        assert res.ips[0]["version"] == "4" and res.interfaces[0]["name"] == "eth0"
+        if version == "0.4.0":
+            svc.check(SID)
+        else:
+            with pytest.raises(errors.FailedPrecondition, match="does not support CHECK"):
+                svc.check(SID)
+        svc.teardown(SID)
+        assert _leases(data_dir) == []
+    finally:
+        svc.teardown(SID)
+        netns.release_dir(svc.cfg.netns_dir)
+
+
+def test_parse_legacy_and_current_results():
+    from vmcri.network.result import parse_result
+    legacy = parse_result({"cniVersion": "0.2.0",
+                           "ip4": {"ip": "10.1.0.5/16", "gateway": "10.1.0.1",
+                                   "routes": [{"dst": "0.0.0.0/0"}]},
+                           "dns": {"nameservers": ["10.1.0.10"], "domain": "cluster.local"}},
+                          "/ns", "0.2.0")
+    assert legacy.ips == [{"address": "10.1.0.5/16", "gateway": "10.1.0.1", "version": "4"}]
+    assert legacy.routes == [{"dst": "0.0.0.0/0", "gw": "10.1.0.1"}]
+    assert legacy.dns["nameservers"] == ["10.1.0.10"] and legacy.dns["search"] == ["cluster.local"]
+    dual = parse_result({"cniVersion": "1.0.0",
+                         "interfaces": [{"name": "br", "mac": "aa"},
+                                        {"name": "eth0", "mac": "bb", "sandbox": "/ns"}],
+                         "ips": [{"address": "fd00::5/64", "gateway": "fd00::1", "interface": 1},
+                                 {"address": "10.2.0.5/24", "interface": 1}]}, "/ns", "1.0.0")
+    assert dual.interfaces == [{"name": "eth0", "mac": "bb"}]
+    assert [ip["version"] for ip in dual.ips] == ["6", "4"]
+    assert dual.pod_ips == ["10.2.0.5", "fd00::5"]  # IPv4 first for PodSandboxStatus
+    with pytest.raises(ValueError):
+        parse_result({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.300/24"}]}, "/ns", "1.0.0")

@@ -164,9 +164,9 @@ class NetworkService:
         if info is None:
             raise errors.VmcriError(f"CNI ADD left no {self.ifname} in {result.netns_path}")
         result.mtu = int(info.get("mtu") or 0)
-        if not result.mac_of(self.ifname):
-            result.interfaces = [i for i in result.interfaces if i["name"] != self.ifname]
-            result.interfaces.insert(0, {"name": self.ifname, "mac": info.get("address", "")})
+        pod = {"name": self.ifname, "mac": result.mac_of(self.ifname) or info.get("address", "")}
+        # the pod's eth0 first: callers give interfaces[0]'s MAC to the VM NIC
+        result.interfaces = [pod] + [i for i in result.interfaces if i["name"] != self.ifname]
 
     def _save_cache(self, rt: RuntimeConf, net: NetworkConfigList, raw: dict | None) -> None:
         self.cache.save(rt.container_id, rt.ifname, {
