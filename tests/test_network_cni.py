@@ -254,6 +254,15 @@ def test_bad_ids_refused_before_anything_is_made(network_service):
     assert network_service.list_netns() == []
 
 
+def test_teardown_refuses_a_foreign_path(network_service):
+    res = network_service.setup(SID, "web", "default")
+    with pytest.raises(errors.InvalidArgument, match="netns_path"):
+        network_service.teardown(SID, "/proc/1/ns/net")
+    assert netns.exists(res.netns_path)  # untouched
+    network_service.teardown(SID, res.netns_path)
+    assert not os.path.exists(res.netns_path)
+
+
 def test_no_config_setup_fails_cleanly(cni_base, cni_host):
     svc = NetworkService(Config(root_dir=os.path.join(cni_base, "root"),
                                 run_dir=os.path.join(cni_base, "run"),

@@ -192,6 +192,14 @@ class NetworkService:
         prev = (entry or {}).get("result")
         return net, rt, prev if isinstance(prev, dict) else None
 
+    def _own_path(self, sandbox_id: str, netns_path: str | None) -> str:
+        """Teardown unmounts the path, so it must be one of ours."""
+        ours = self.netns_path(sandbox_id)
+        if netns_path and os.path.normpath(netns_path) != os.path.normpath(ours):
+            raise errors.InvalidArgument(
+                f"netns_path: {netns_path!r} is not {sandbox_id[:12]}'s namespace {ours}")
+        return ours
+
     def check(self, sandbox_id: str, netns_path: str | None = None) -> None:
         """CNI CHECK of the attachment; raises if a plugin finds it broken."""
         check_id(sandbox_id, "sandbox_id")
@@ -208,7 +216,7 @@ class NetworkService:
         """CNI DEL and netns removal; already-gone parts are fine. Raises only when a
         plugin fails, keeping the netns and cache so a retry can finish the job."""
         check_id(sandbox_id, "sandbox_id")
-        path = netns_path or self.netns_path(sandbox_id)
+        path = self._own_path(sandbox_id, netns_path)
         have_cache = self.cache.load(sandbox_id, self.ifname) is not None
         try:
             net, rt, prev = self._cached(sandbox_id)
