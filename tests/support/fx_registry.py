@@ -42,8 +42,12 @@ GROUP = "root:x:0:\nvmcri:x:1000:\nnogroup:x:65534:\n"
 
 
 def free_port() -> int:
+    return free_port_on("127.0.0.1")
+
+
+def free_port_on(address: str) -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return s.getsockname()[1]
 
 
@@ -63,14 +67,15 @@ class Registry(str):
             return f.read()
 
 
-def start_registry(workdir: str, users: dict[str, str] | None = None) -> Registry:
+def start_registry(workdir: str, users: dict[str, str] | None = None,
+                   address: str = "127.0.0.1") -> Registry:
     os.makedirs(workdir, exist_ok=True)
     storage = os.path.join(workdir, "storage")
     os.makedirs(storage, exist_ok=True)
-    port = free_port()
+    port = free_port_on(address)
     lines = ["version: 0.1", "log:", "  level: info", "storage:", "  filesystem:",
              f"    rootdirectory: {storage}", "  delete:", "    enabled: true",
-             "http:", f"  addr: 127.0.0.1:{port}"]
+             "http:", f"  addr: {address}:{port}"]
     if users:
         htpasswd = os.path.join(workdir, "htpasswd")
         with open(htpasswd, "w") as f:
@@ -85,7 +90,7 @@ def start_registry(workdir: str, users: dict[str, str] | None = None) -> Registr
     proc = subprocess.Popen(["docker-registry", "serve", config], stdout=log, stderr=log,
                             stdin=subprocess.DEVNULL)
     log.close()
-    reg = Registry(f"127.0.0.1:{port}")
+    reg = Registry(f"{address}:{port}")
     reg.storage, reg.log_path, reg.pid, reg.proc = storage, log_path, proc.pid, proc
     deadline = time.monotonic() + 30
     while True:
@@ -348,8 +353,8 @@ def registry(tmp_path_factory):
 def registry_factory(tmp_path_factory):
     started: list[Registry] = []
 
-    def make(users: dict[str, str] | None = None) -> Registry:
-        reg = start_registry(str(tmp_path_factory.mktemp("registry-extra")), users)
+    def make(users: dict[str, str] | None = None, address: str = "127.0.0.1") -> Registry:
+        reg = start_registry(str(tmp_path_factory.mktemp("registry-extra")), users, address)
         started.append(reg)
         return reg
     yield make

@@ -1,0 +1,159 @@
+"""Credentials, mirrors and corrupt content, each against a real docker-registry."""
+import base64
+import os
+
+import pytest
+
+from tests.support.fx_registry import free_port, push_layout
+from vmcri.config import Config, RegistryHost
+from vmcri.errors import InvalidArgument, Unauthenticated, Unavailable, VmcriError
+from vmcri.image.service import ImageService
+from vmcri.store import Store
+
+pytestmark = pytest.mark.registry
+
+
+def make_service(tmp_path, skopeo="skopeo", **cfg_kw):
+    cfg = Config(root_dir=str(tmp_path / "root"), run_dir=str(tmp_path / "run"), **cfg_kw)
+    return ImageService(cfg, Store(cfg.db_path), skopeo=skopeo)
+
+
+def assert_nothing_stored(svc):
+    assert svc.list() == []
+    assert os.listdir(svc.store.blobs_dir) == []
+    assert os.listdir(svc.store.layers_dir) == []
+    assert os.listdir(svc.store.staging_dir) == []
+    assert svc.store.db.query("SELECT * FROM image_layers") == []
+
+
+@pytest.fixture(scope="module")
+def auth_registry(registry_factory, test_images):
+    reg = registry_factory(users={"alice": "s3cret"})
+    ref = f"{reg}/vmcri-test/private:1.0"
+    push_layout(test_images.layout, "single", ref, creds="alice:s3cret")
+    return reg, ref
+
+
+def test_right_credentials_pull(tmp_path, auth_registry, test_images):
+    reg, ref = auth_registry
+    svc = make_service(tmp_path)
+    assert svc.pull(ref, auth={"username": "alice", "password": "s3cret"}) == \
+        test_images.single.image_id
+    svc.remove(ref)
+    encoded = base64.b64encode(b"alice:s3cret").decode()
+    assert svc.pull(ref, auth={"auth": encoded}) == test_images.single.image_id
+    # the credentials never stay on disk after the pull
+    assert os.listdir(svc.store.staging_dir) == []
+
+
+@pytest.mark.parametrize("auth", [None, {"username": "alice", "password": "wrong"},
+                                  {"username": "mallory", "password": "s3cret"}])
+def test_wrong_or_missing_credentials_are_a_clear_error(tmp_path, auth_registry, auth):
+    reg, ref = auth_registry
+    svc = make_service(tmp_path)
+    with pytest.raises(Unauthenticated) as e:
+        svc.pull(ref, auth=auth)
+    assert str(reg) in str(e.value) and "credentials" in str(e.value)
+    assert_nothing_stored(svc)
+
+
+def test_malformed_auth_field_is_named(tmp_path, auth_registry):
+    svc = make_service(tmp_path)
+    with pytest.raises(InvalidArgument, match="auth.auth"):
+        svc.pull(auth_registry[1], auth={"auth": "!!not base64!!"})
+
+
+def test_mirror_serves_an_unresolvable_registry(tmp_path, test_images):
+    upstream = "registry.example.invalid"
+    dead = f"http://127.0.0.1:{free_port()}"
+    svc = make_service(tmp_path, registries={
+        upstream: RegistryHost(mirrors=[dead, f"http://{test_images.registry}"])})
+    ref = f"{upstream}/vmcri-test/busybox:1.0"
+    assert svc.pull(ref) == test_images.single.image_id
+    got = svc.resolve(ref)
+    assert got.repo_tags == [ref]  # recorded under the name asked for, not the mirror's
+    assert got.repo_digests == [f"{upstream}/vmcri-test/busybox@{test_images.single.digest}"]
+
+
+def test_all_endpoints_failing_names_each(tmp_path):
+    upstream = "registry.example.invalid"
+    dead = f"127.0.0.1:{free_port()}"
+    svc = make_service(tmp_path, registries={upstream: RegistryHost(mirrors=[f"http://{dead}"])})
+    with pytest.raises(Unavailable) as e:
+        svc.pull(f"{upstream}/vmcri-test/busybox:1.0")
+    assert dead in str(e.value) and upstream in str(e.value)
+    svc_skip = make_service(tmp_path / "skip", registries={
+        upstream: RegistryHost(mirrors=[f"http://{dead}"], skip_upstream=True)})
+    with pytest.raises(Unavailable) as e:
+        svc_skip.pull(f"{upstream}/vmcri-test/busybox:1.0")
+    assert dead in str(e.value) and "every endpoint" not in str(e.value)
+
+
+def test_insecure_registry_from_config(tmp_path, registry_factory, test_images):
+    # 127.0.0.2 is loopback too, but not a name vmcri trusts for plain HTTP by itself
+    reg = registry_factory(address="127.0.0.2")
+    ref = f"{reg}/vmcri-test/busybox:1.0"
+    push_layout(test_images.layout, "single", ref)
+    with pytest.raises(Unavailable) as e:
+        make_service(tmp_path / "strict").pull(ref)
+    assert str(reg) in str(e.value)
+    svc = make_service(tmp_path / "insecure", insecure_registries=[str(reg)])
+    assert svc.pull(ref) == test_images.single.image_id
+
+
+def test_endpoint_order_and_tls(tmp_path):
+    from vmcri.image.reference import parse
+    from vmcri.image.transport import endpoints_for
+    cfg = Config(registries={"docker.io": RegistryHost(mirrors=["http://m1:5000", "https://m2"])},
+                 insecure_registries=["reg.example:5000"])
+    eps = endpoints_for(cfg, parse("busybox"))
+    assert [(e.host, e.tls_verify, e.mirror) for e in eps] == [
+        ("m1:5000", False, True), ("m2", True, True), ("registry-1.docker.io", True, False)]
+    (ep,) = endpoints_for(cfg, parse("reg.example:5000/x/y:1"))
+    assert ep.host == "reg.example:5000" and not ep.tls_verify
+
+
+def test_corrupt_blob_in_registry_stores_nothing(tmp_path, registry_factory, test_images):
+    reg = registry_factory()
+    ref = f"{reg}/vmcri-test/corrupt:1.0"
+    push_layout(test_images.layout, "multi", ref)
+    svc = make_service(tmp_path)
+    # corrupt the top layer blob as stored by the registry (same size, other bytes)
+    top_blob = None
+    for name in os.listdir(os.path.join(reg.storage, "docker/registry/v2/blobs/sha256")):
+        for hexd in os.listdir(os.path.join(reg.storage, "docker/registry/v2/blobs/sha256", name)):
+            path = reg.blob_data_path("sha256:" + hexd)
+            if os.path.getsize(path) < 1000 and os.path.getsize(path) > 100:
+                data = open(path, "rb").read()
+                if data[:2] == b"\x1f\x8b":
+                    top_blob = path
+    assert top_blob
+    data = bytearray(open(top_blob, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(top_blob, "wb").write(bytes(data))
+    with pytest.raises(VmcriError):
+        svc.pull(ref)
+    assert_nothing_stored(svc)
+
+
+def test_transport_delivering_wrong_bytes_is_caught_by_our_check(tmp_path, test_images):
+    """skopeo verifies too, so the boundary is faked: a wrapper corrupts what the real
+    skopeo wrote into the staging area, as a faulty transport would."""
+    wrapper = tmp_path / "corrupting-skopeo"
+    wrapper.write_text("""#!/bin/sh
+skopeo "$@" || exit $?
+[ "$1" = copy ] || exit 0
+for a in "$@"; do case "$a" in --dest-shared-blob-dir=*) dir=${a#*=};; esac; done
+for f in "$dir"/sha256/*; do
+  [ "$(stat -c %h "$f")" = 1 ] && printf 'X' | dd of="$f" bs=1 seek=100 conv=notrunc 2>/dev/null
+done
+exit 0
+""")
+    wrapper.chmod(0o755)
+    svc = make_service(tmp_path, skopeo=str(wrapper))
+    with pytest.raises(VmcriError, match="hashes to"):
+        svc.pull(test_images.multi.ref)
+    assert_nothing_stored(svc)
+    # a healthy transport afterwards pulls fine into the same store
+    svc.skopeo = "skopeo"
+    assert svc.pull(test_images.multi.ref) == test_images.multi.image_id
