@@ -5,6 +5,8 @@ Regenerate the golden files with VMCRI_UPDATE_GOLDEN=1 (then review the diff).
 import json
 import os
 import pathlib
+import shutil
+import subprocess
 
 import pytest
 from cri_api.v1 import api_pb2 as cri
@@ -474,3 +476,153 @@ def test_host_namespaces_and_devices_are_rejected():
     with pytest.raises(InvalidArgument, match=r"config.devices\[0\]: a VM sandbox cannot pass "
                                               "host devices"):
         build(c)
+
+
+# ---------------------------------------------------------------- crun on the host
+# The guest runs the same crun (1.8.1) as this host, so crun accepting and running our
+# specs here proves them. Host differences, each adjusted only in host_adjust():
+# - the host has cgroup v1 plus a cgroup2 mount holding only hugetlb ("hybrid"), which
+#   crun refuses; the run happens in a private mount namespace without that cgroup2 mount,
+#   and the cgroup v2-only linux.resources.unified and hugepage limits are left out;
+# - root on this host lacks some capabilities (e.g. CAP_SYS_RESOURCE), so the capability
+#   sets are cut to the host's bounding set and oomScoreAdj is never below the host's own.
+
+CRUN = shutil.which("crun")
+needs_crun = pytest.mark.skipif(not CRUN or os.geteuid() != 0, reason="needs crun and root")
+DEB_CACHE = os.environ.get("VMCRI_TEST_DEB_CACHE", "/var/cache/vmcri-test/debs")
+
+
+@pytest.fixture(scope="module")
+def busybox_rootfs(tmp_path_factory):
+    from vmcri.guestimage import debs
+    found = debs.resolve(["busybox-static"])
+    paths = debs.download(list(found.values()), DEB_CACHE)
+    root = tmp_path_factory.mktemp("bb-rootfs")
+    root.chmod(0o755)  # pytest's 0700 would lock a non-root container user out of "/"
+    unpacked = tmp_path_factory.mktemp("bb-deb")
+    debs.extract(paths["busybox-static"], str(unpacked))
+    for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "data", "srv"):
+        (root / d).mkdir()
+    shutil.copy2(unpacked / "bin" / "busybox", root / "bin" / "busybox")
+    for applet in ("sh", "id", "cat", "grep", "mount", "ls", "touch", "wc", "echo", "pwd"):
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc" / "passwd").write_bytes(PASSWD)
+    (root / "etc" / "group").write_bytes(GROUP)
+    for f in ("hosts", "resolv.conf", "hostname"):
+        (root / "etc" / f).write_text("")
+    return root
+
+
+def _host_capabilities():
+    with open("/proc/self/status") as f:
+        bnd = next(int(line.split()[1], 16) for line in f if line.startswith("CapBnd:"))
+    return {c for i, c in enumerate(ocispec.ALL_CAPABILITIES) if bnd >> i & 1}
+
+
+def _cap_mask(caps):
+    return sum(1 << ocispec.ALL_CAPABILITIES.index(c) for c in caps)
+
+
+def host_adjust(spec):
+    spec["linux"]["resources"].pop("unified", None)
+    spec["linux"]["resources"].pop("hugepageLimits", None)
+    host_caps = _host_capabilities()
+    caps = spec["process"]["capabilities"]
+    for key in caps:
+        caps[key] = [c for c in caps[key] if c in host_caps]
+    with open("/proc/self/oom_score_adj") as f:
+        spec["process"]["oomScoreAdj"] = max(spec["process"]["oomScoreAdj"], int(f.read()))
+    return spec
+
+
+def _rmdir_cgroups(name):
+    for hierarchy in pathlib.Path("/sys/fs/cgroup").iterdir():
+        top = hierarchy / name
+        if top.is_dir():
+            for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+                os.rmdir(dirpath)
+
+
+def run_in_crun(tmp_path, rootfs, config, sb, script):
+    """Build the spec for `config`, run `script` in it with crun, return (rc, stdout, spec)."""
+    pod = tmp_path / "pod"
+    (pod / "shm").mkdir(parents=True)
+    (pod / "hosts").write_text("10.88.0.2 web-0\n")
+    (pod / "resolv.conf").write_text("nameserver 10.88.0.1\n")
+    (pod / "hostname").write_text("web-0\n")
+    volumes = tmp_path / "volumes"
+    cgroup_root = f"vmcri-hosttest-{os.getpid()}"
+    guest = GuestPaths(hosts=str(pod / "hosts"), resolv_conf=str(pod / "resolv.conf"),
+                       hostname=str(pod / "hostname"), shm=str(pod / "shm"),
+                       host_mount_to_guest=lambda p: str(volumes) + p,
+                       cgroup_root="/" + cgroup_root)
+    config.command[:] = ["/bin/sh", "-c", script]
+    spec = build_spec("ctr", config, sb, {"Env": ["FROM_IMAGE=yes"], "WorkingDir": "/srv"},
+                      rootfs_path=str(rootfs), guest_paths=guest,
+                      read_image_file=lambda p: (rootfs / p.lstrip("/")).read_bytes()
+                      if (rootfs / p.lstrip("/")).is_file() else None,
+                      sandbox_id="sb")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(host_adjust(json.loads(json.dumps(spec)))))
+    state = tmp_path / "crun-state"
+    try:
+        r = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c",
+             'umount /sys/fs/cgroup/unified 2>/dev/null; exec crun --root "$1" run -b "$2" "$3"',
+             "sh", str(state), str(bundle), f"vmcri-test-{os.getpid()}"],
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    finally:
+        _rmdir_cgroups(cgroup_root)
+    assert "error" not in r.stderr.lower(), r.stderr
+    return r.returncode, r.stdout, spec
+
+
+def _status_field(out, name):
+    return next(line.split()[1] for line in out.splitlines() if line.startswith(name + ":"))
+
+
+@needs_crun
+def test_crun_runs_plain_spec(tmp_path, busybox_rootfs):
+    (tmp_path / "volumes" / "h" / "ro").mkdir(parents=True)
+    (tmp_path / "volumes" / "h" / "ro" / "f").write_text("from-host\n")
+    c = container(envs=[cri.KeyValue(key="FROM_CRI", value="yes")])
+    sec = c.linux.security_context
+    sec.run_as_username = "app"
+    sec.supplemental_groups.append(50)
+    sec.seccomp.profile_type = cri.SecurityProfile.RuntimeDefault
+    c.mounts.append(cri.Mount(container_path="/data", host_path="/h/ro", readonly=True))
+    c.linux.resources.memory_limit_in_bytes = 64 << 20
+    c.linux.resources.cpu_shares = 512
+    c.linux.resources.unified["memory.high"] = "60000000"  # v2 only: dropped on this host
+    script = ("id; pwd; echo env=$FROM_IMAGE/$FROM_CRI; grep -E '^(Cap|Seccomp)' "
+              "/proc/self/status; cat /etc/hosts /data/f; touch /data/x || echo ro-ok; "
+              "echo masked=$(wc -c < /proc/timer_list); mount; ls /dev | wc -l")
+    rc, out, spec = run_in_crun(tmp_path, busybox_rootfs, c, sandbox(), script)
+    assert rc == 0, out
+    assert "uid=1000(app) gid=1000(app) groups=29(audio),44(video),50(staff),1000(app)" in out
+    assert "/srv\n" in out and "env=yes/yes" in out
+    expected = set(spec["process"]["capabilities"]["effective"]) & _host_capabilities()
+    # A non-root user keeps no effective capabilities, but the bounding set is ours.
+    assert int(_status_field(out, "CapBnd"), 16) == _cap_mask(expected)
+    assert _status_field(out, "Seccomp") == "2"
+    assert "10.88.0.2 web-0" in out and "from-host" in out and "ro-ok" in out
+    assert "masked=0" in out
+    assert "on /sys type sysfs (ro," in out and "on /proc/sys type proc (ro," in out
+
+
+@needs_crun
+def test_crun_runs_privileged_spec(tmp_path, busybox_rootfs):
+    c = container()
+    c.linux.security_context.privileged = True
+    script = ("grep -E '^(CapEff|Seccomp)' /proc/self/status; mount; "
+              "echo devs=$(ls /dev | wc -l)")
+    rc, out, spec = run_in_crun(tmp_path, busybox_rootfs, c, sandbox(privileged=True), script)
+    assert rc == 0, out
+    assert int(_status_field(out, "CapEff"), 16) == _cap_mask(
+        set(ocispec.ALL_CAPABILITIES) & _host_capabilities())
+    assert _status_field(out, "Seccomp") == "0"
+    assert "on /sys type sysfs (rw," in out
+    assert "/proc/timer_list" not in out  # nothing masked
+    devs = int(out.split("devs=")[1].split()[0])
+    assert devs > len(os.listdir("/dev")) // 2  # the runtime's own /dev, not a small tmpfs

@@ -346,8 +346,9 @@ def _depth(destination: str) -> int:
 def _standard_mounts(privileged: bool) -> list[dict]:
     ro = [] if privileged else ["ro"]
     if privileged:
+        # Not rbind: the guest's own /dev/pts, /dev/shm... must not come along.
         dev = {"destination": "/dev", "type": "bind", "source": "/dev",
-               "options": ["rbind", "rprivate", "nosuid", "rw"]}
+               "options": ["bind", "rprivate", "nosuid", "rw"]}
     else:
         dev = {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
                "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}
