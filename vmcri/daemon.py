@@ -49,12 +49,17 @@ class Runtime:
         self.sandboxes = SandboxService(self.cfg, self.store, self.hv, self.accel,
                                         network=self.network)
 
+        from vmcri.container.service import ContainerService
+        self.containers = ContainerService(self.cfg, self.store, self.sandboxes, self.images)
+
     def container_statuses(self, sandbox_id: str) -> list:
-        return []
+        from vmcri.container.container_status import statuses_in_sandbox
+        return statuses_in_sandbox(self.containers, sandbox_id)
 
     def reconcile(self) -> None:
         try:
             self.sandboxes.reconcile()
+            self.containers.resume()
         except libvirt.libvirtError as e:
             log.error("reconcile skipped: libvirt unreachable: %s", e)
 

@@ -7,6 +7,7 @@ from cri_api.v1 import api_pb2_grpc as pb_grpc
 import time
 
 import vmcri
+from vmcri.container import container_status
 from vmcri.sandbox import sandbox_status
 from vmcri.cri.grpc_errors import wrap_all
 
@@ -59,6 +60,43 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
     def ListPodSandbox(self, request, context):
         flt = request.filter if request.HasField("filter") else None
         return pb.ListPodSandboxResponse(items=sandbox_status.list_sandboxes(self.rt.sandboxes, flt))
+
+    # -- containers --------------------------------------------------------------
+    def CreateContainer(self, request, context):
+        cid = self.rt.containers.create(request.pod_sandbox_id, request.config,
+                                        request.sandbox_config)
+        return pb.CreateContainerResponse(container_id=cid)
+
+    def StartContainer(self, request, context):
+        self.rt.containers.start(request.container_id)
+        return pb.StartContainerResponse()
+
+    def StopContainer(self, request, context):
+        self.rt.containers.stop(request.container_id, request.timeout)
+        return pb.StopContainerResponse()
+
+    def RemoveContainer(self, request, context):
+        self.rt.containers.remove(request.container_id)
+        return pb.RemoveContainerResponse()
+
+    def ContainerStatus(self, request, context):
+        status, info = container_status.status(self.rt.containers, request.container_id,
+                                                request.verbose)
+        return pb.ContainerStatusResponse(status=status, info=info)
+
+    def ListContainers(self, request, context):
+        flt = request.filter if request.HasField("filter") else None
+        return pb.ListContainersResponse(
+            containers=container_status.list_containers(self.rt.containers, flt))
+
+    def ExecSync(self, request, context):
+        code, out, err = self.rt.containers.exec_sync(request.container_id, list(request.cmd),
+                                                      request.timeout)
+        return pb.ExecSyncResponse(stdout=out, stderr=err, exit_code=code)
+
+    def ReopenContainerLog(self, request, context):
+        self.rt.containers.reopen_log(request.container_id)
+        return pb.ReopenContainerLogResponse()
 
     def UpdateRuntimeConfig(self, request, context):
         # The kubelet sends the pod CIDR here; CNI plugins own addressing, as in containerd.

@@ -1,0 +1,95 @@
+"""CreateContainer: reserve the row, build the rootfs and OCI bundle on the host,
+then `crun create` inside the guest. Every step has its undo on an ExitStack."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import sqlite3
+
+from cri_api.v1 import api_pb2 as pb
+
+from vmcri.container import ocispec, rootfs, safepath
+from vmcri.container.model import CREATED, CREATING, ContainerRecord
+from vmcri.container.validate import validate_container_config
+from vmcri.errors import AlreadyExists, Unavailable
+from vmcri.sandbox.model import now_ns
+
+log = logging.getLogger(__name__)
+GUEST_ETC = "/run/vmcri/etc"  # where the agent keeps the pod's hosts/resolv.conf/hostname
+GUEST_SHM = "/dev/shm"
+
+
+def log_path_for(sandbox_config: pb.PodSandboxConfig, config: pb.ContainerConfig) -> str:
+    if not config.log_path or not sandbox_config.log_directory:
+        return ""
+    return os.path.join(sandbox_config.log_directory, config.log_path)
+
+
+def create_container(svc, sandbox_id: str, config: pb.ContainerConfig,
+                     sandbox_config: pb.PodSandboxConfig) -> str:
+    validate_container_config(config)
+    sandbox = svc.ready_sandbox(sandbox_id)
+    stored_config = pb.PodSandboxConfig.FromString(sandbox.config)
+    # The kubelet resends the pod config; the stored one is what the VM was built from.
+    sandbox_config = stored_config if not sandbox_config.ByteSize() else sandbox_config
+    image = svc.images.resolve(config.image.image)
+    container_id = secrets.token_hex(32)
+    md = config.metadata
+    rec = ContainerRecord(
+        id=container_id, sandbox_id=sandbox.id, name=md.name, attempt=md.attempt,
+        state=CREATING, created_ns=now_ns(), image=config.image.image, image_id=image.id,
+        config=config.SerializeToString(), log_path=log_path_for(sandbox_config, config),
+        labels=dict(config.labels), annotations=dict(config.annotations))
+    try:
+        svc.table.insert(rec)
+    except sqlite3.IntegrityError:
+        raise AlreadyExists(f"container name {md.name} (attempt {md.attempt}) is already "
+                            f"reserved in pod sandbox {sandbox.id[:12]}")
+    dirs = svc.dirs(rec)
+    with contextlib.ExitStack() as undo:
+        undo.callback(svc.table.delete, container_id)
+        rootfs.mount_rootfs(dirs, svc.images.layer_dirs(image))
+        undo.callback(rootfs.release, dirs)
+
+        guest_mounts: dict[str, str] = {}
+        for i, m in enumerate(config.mounts):
+            guest_mounts[m.host_path] = rootfs.bind_host_path(dirs, i, m.host_path, m.readonly)
+        paths = ocispec.GuestPaths(
+            hosts=f"{GUEST_ETC}/hosts", resolv_conf=f"{GUEST_ETC}/resolv.conf",
+            hostname=f"{GUEST_ETC}/hostname", shm=GUEST_SHM, host_mount_to_guest=guest_mounts)
+        spec = ocispec.build_spec(
+            container_id, config, sandbox_config, image.raw_config.get("config") or {},
+            rootfs_path=dirs.guest_rootfs, guest_paths=paths, sandbox_id=sandbox.id,
+            read_image_file=lambda p: safepath.read_file(dirs.rootfs, p))
+        with open(os.path.join(dirs.bundle, "config.json"), "w") as f:
+            json.dump(spec, f)
+        if rec.log_path:
+            os.makedirs(os.path.dirname(rec.log_path), exist_ok=True)
+            open(rec.log_path, "a").close()
+
+        from vmcri.channel import AgentError
+        agent = svc.sandboxes.agent(sandbox)
+        try:
+            agent.call("container_create", id=container_id, bundle=dirs.guest_bundle,
+                       tty=bool(config.tty), stdin=bool(config.stdin),
+                       stdin_once=bool(config.stdin_once))
+        except AgentError as e:
+            raise Unavailable(f"crun create in the pod VM failed: {e}") from e
+        undo.callback(_guest_delete, agent, container_id)
+        svc.table.update(container_id, state=CREATED,
+                         stop_signal=spec["annotations"].get(ocispec.ANN_STOP_SIGNAL, "SIGTERM"),
+                         mounts=[
+            {"host": h, "guest": g} for h, g in guest_mounts.items()])
+        undo.pop_all()
+    svc.emit(container_id, "CREATED")
+    return container_id
+
+
+def _guest_delete(agent, container_id: str) -> None:
+    try:
+        agent.call("container_delete", id=container_id)
+    except Exception:
+        log.warning("could not delete container %s in the guest", container_id[:12], exc_info=True)

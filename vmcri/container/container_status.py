@@ -1,0 +1,67 @@
+"""ContainerStatus and ListContainers: rows -> CRI messages."""
+from __future__ import annotations
+
+import json
+
+from cri_api.v1 import api_pb2 as pb
+
+from vmcri.container.model import CREATED, EXITED, RUNNING
+
+_STATE = {CREATED: pb.ContainerState.CONTAINER_CREATED,
+          RUNNING: pb.ContainerState.CONTAINER_RUNNING,
+          EXITED: pb.ContainerState.CONTAINER_EXITED}
+
+
+def state_of(rec) -> int:
+    return _STATE.get(rec.state, pb.ContainerState.CONTAINER_UNKNOWN)
+
+
+def to_status(svc, rec) -> pb.ContainerStatus:
+    config = pb.ContainerConfig.FromString(rec.config)
+    signal = rec.stop_signal if rec.stop_signal in pb.Signal.keys() else "RUNTIME_DEFAULT"
+    return pb.ContainerStatus(
+        id=rec.id, metadata=config.metadata, state=state_of(rec), created_at=rec.created_ns,
+        started_at=rec.started_ns, finished_at=rec.finished_ns, exit_code=rec.exit_code,
+        image=pb.ImageSpec(image=rec.image, annotations=dict(config.image.annotations)),
+        image_ref=rec.image_id, image_id=rec.image_id, reason=rec.reason, message=rec.message,
+        labels=rec.labels, annotations=rec.annotations, mounts=list(config.mounts),
+        log_path=rec.log_path, stop_signal=pb.Signal.Value(signal),
+        resources=pb.ContainerResources(linux=config.linux.resources))
+
+
+def status(svc, container_id: str, verbose: bool):
+    rec = svc.get(container_id)
+    info = {}
+    if verbose:
+        dirs = svc.dirs(rec)
+        info["info"] = json.dumps({"sandboxID": rec.sandbox_id, "rootfs": dirs.rootfs,
+                                   "guestBundle": dirs.guest_bundle, "mounts": rec.mounts,
+                                   "state": rec.state}, sort_keys=True)
+    return to_status(svc, rec), info
+
+
+def statuses_in_sandbox(svc, sandbox_id: str) -> list[pb.ContainerStatus]:
+    return [to_status(svc, r) for r in svc.table.for_sandbox(sandbox_id)]
+
+
+def list_containers(svc, flt: pb.ContainerFilter | None) -> list[pb.Container]:
+    out = []
+    for rec in svc.table.all():
+        if rec.state == "CREATING":
+            continue  # not yet a container the kubelet may know about
+        if flt is not None:
+            if flt.id and not rec.id.startswith(flt.id):
+                continue
+            if flt.pod_sandbox_id and not rec.sandbox_id.startswith(flt.pod_sandbox_id):
+                continue
+            if flt.HasField("state") and state_of(rec) != flt.state.state:
+                continue
+            if any(rec.labels.get(k) != v for k, v in flt.label_selector.items()):
+                continue
+        config = pb.ContainerConfig.FromString(rec.config)
+        out.append(pb.Container(id=rec.id, pod_sandbox_id=rec.sandbox_id, metadata=config.metadata,
+                                image=pb.ImageSpec(image=rec.image), image_ref=rec.image_id,
+                                image_id=rec.image_id, state=state_of(rec),
+                                created_at=rec.created_ns, labels=rec.labels,
+                                annotations=rec.annotations))
+    return out
