@@ -504,7 +504,8 @@ def busybox_rootfs(tmp_path_factory):
     for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "data", "srv"):
         (root / d).mkdir()
     shutil.copy2(unpacked / "bin" / "busybox", root / "bin" / "busybox")
-    for applet in ("sh", "id", "cat", "grep", "mount", "ls", "touch", "wc", "echo", "pwd"):
+    for applet in ("sh", "id", "cat", "grep", "mount", "ls", "touch", "wc", "echo", "pwd",
+                   "unshare"):
         (root / "bin" / applet).symlink_to("busybox")
     (root / "etc" / "passwd").write_bytes(PASSWD)
     (root / "etc" / "group").write_bytes(GROUP)
@@ -626,3 +627,18 @@ def test_crun_runs_privileged_spec(tmp_path, busybox_rootfs):
     assert "/proc/timer_list" not in out  # nothing masked
     devs = int(out.split("devs=")[1].split()[0])
     assert devs > len(os.listdir("/dev")) // 2  # the runtime's own /dev, not a small tmpfs
+
+
+@needs_crun
+@pytest.mark.parametrize("profile,expected", [
+    (cri.SecurityProfile.RuntimeDefault, "unshare(0x10000000): Operation not permitted"),
+    (cri.SecurityProfile.Unconfined, "in-new-userns"),
+])
+def test_crun_enforces_runtime_default_seccomp(tmp_path, busybox_rootfs, profile, expected):
+    # Creating a user namespace needs no capability, so only the seccomp filter (which
+    # allows unshare only with CAP_SYS_ADMIN) can stop it.
+    c = container()
+    c.linux.security_context.seccomp.profile_type = profile
+    rc, out, _ = run_in_crun(tmp_path, busybox_rootfs, c, sandbox(),
+                             "unshare -U /bin/echo in-new-userns 2>&1")
+    assert expected in out
