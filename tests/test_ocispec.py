@@ -183,6 +183,20 @@ def test_tty_and_stdin_are_recorded():
         ocispec.ANN_STOP_SIGNAL] == "SIGKILL"
 
 
+@pytest.mark.parametrize("image_signal,expected", [
+    ("SIGQUIT", "SIGQUIT"), ("quit", "SIGQUIT"), ("3", "SIGQUIT"), (None, "SIGTERM"),
+    ("SIGRTMIN", "SIGRTMIN"),
+])
+def test_image_stop_signal_forms(image_signal, expected):
+    spec = build(image={**IMAGE, "StopSignal": image_signal})
+    assert spec["annotations"][ocispec.ANN_STOP_SIGNAL] == expected
+
+
+def test_unknown_image_stop_signal_is_invalid():
+    with pytest.raises(InvalidArgument, match="StopSignal: unknown signal 'SIGNOPE'"):
+        build(image={**IMAGE, "StopSignal": "SIGNOPE"})
+
+
 def test_runtime_annotations_and_labels():
     spec = build(container(labels={"l": "1", "both": "label"},
                            annotations={"a": "2", "both": "annotation"}))

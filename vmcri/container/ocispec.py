@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import signal
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -455,9 +456,18 @@ def sandbox_sysctls(sandbox_config: api_pb2.PodSandboxConfig) -> dict[str, str]:
 
 
 def _stop_signal(config: api_pb2.ContainerConfig, image_config: dict) -> str:
+    """A signal name like SIGQUIT from the CRI stop_signal or the image's StopSignal
+    ("SIGQUIT", "QUIT" or "3"); SIGTERM when neither sets one."""
     if config.stop_signal:
         return api_pb2.Signal.Name(config.stop_signal)
-    return str(image_config.get("StopSignal") or "SIGTERM")
+    raw = str(image_config.get("StopSignal") or "SIGTERM").strip().upper()
+    try:
+        if raw.isdigit():
+            return signal.Signals(int(raw)).name
+        name = raw if raw.startswith("SIG") else "SIG" + raw
+        return signal.Signals[name].name
+    except (KeyError, ValueError):
+        raise InvalidArgument(f"image config StopSignal: unknown signal {raw!r}") from None
 
 
 def _annotations(container_id: str, sandbox_id: str, config: api_pb2.ContainerConfig,
