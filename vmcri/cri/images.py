@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from cri_api.v1 import api_pb2 as pb
 from cri_api.v1 import api_pb2_grpc as pb_grpc
-from google.protobuf import wrappers_pb2
 
 from vmcri.errors import InvalidArgument
 from vmcri.image.service import Image, ImageService
@@ -16,7 +15,7 @@ def image_to_proto(image: Image) -> pb.Image:
                    size=image.size, username=image.username, pinned=image.pinned,
                    spec=pb.ImageSpec(image=image.id))
     if image.uid is not None:
-        msg.uid.CopyFrom(wrappers_pb2.Int64Value(value=image.uid))
+        msg.uid.CopyFrom(pb.Int64Value(value=image.uid))
     return msg
 
 
@@ -59,8 +58,8 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
         usage = pb.FilesystemUsage(
             timestamp=fs["timestamp_ns"],
             fs_id=pb.FilesystemIdentifier(mountpoint=fs["mountpoint"]),
-            used_bytes=wrappers_pb2.UInt64Value(value=fs["used_bytes"]),
-            inodes_used=wrappers_pb2.UInt64Value(value=fs["inodes_used"]))
+            used_bytes=pb.UInt64Value(value=fs["used_bytes"]),
+            inodes_used=pb.UInt64Value(value=fs["inodes_used"]))
         return pb.ImageFsInfoResponse(image_filesystems=[usage])
 
 
