@@ -140,3 +140,45 @@ def test_teardown_removes_the_moved_tap(network_service, fake_vm):
     network_service.attach_tap(res.netns_path, tap_name)
     network_service.teardown(SID)
     assert tap.link(tap_name) is None and not os.path.exists(res.netns_path)
+
+
+@pytest.mark.vm
+def test_attach_tap_with_a_real_libvirt_tap(network_service, cni_host):
+    """libvirt/qemu create and hold the tap; we move it and redirect into it.
+
+    The domain boots nothing (it sits in the firmware), so no guest answers; the mirred
+    counters show the frames for the pod IP went into qemu's tap."""
+    libvirt = pytest.importorskip("libvirt")
+    sid = "9d" * 32
+    res = network_service.setup(sid, "web", "default")
+    tap_name = tap.tap_name_for(sid)
+    name = f"vmcri-test-net-{os.getpid()}"
+    xml = f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>
+      <vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os>
+      <devices><interface type='ethernet'><mac address='{res.mac_of()}'/>
+        <target dev='{tap_name}' managed='yes'/><model type='virtio'/></interface></devices>
+    </domain>"""
+    conn = libvirt.open("qemu:///system")
+    dom = conn.createXML(xml, 0)
+    try:
+        # libvirtd made the tap in the real host netns; bring it to our stand-in host netns
+        run_in(cni_host.outer_path, "ip", "link", "set", tap_name, "netns", cni_host.path)
+        started = time.monotonic()
+        network_service.attach_tap(res.netns_path, tap_name)
+        print(f"attach_tap (real tap) took {time.monotonic() - started:.3f}s")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _ in range(3):
+                s.sendto(b"x", (res.pod_ips[0], 9))
+                time.sleep(0.2)
+        filters = json.loads(run_in(res.netns_path, "tc", "-s", "-j", "filter", "show",
+                                    "dev", "eth0", "ingress").stdout)
+        acts = [a for f in filters for a in f.get("options", {}).get("actions", [])]
+        assert acts and acts[0]["to_dev"] == tap_name
+        assert acts[0]["stats"]["packets"] > 0
+    finally:
+        dom.destroy()
+        conn.close()
+    deadline = time.monotonic() + 10
+    while tap.link(tap_name, res.netns_path) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tap.link(tap_name, res.netns_path) is None  # qemu's exit removed the tap

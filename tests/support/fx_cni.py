@@ -46,6 +46,9 @@ class HostNetns:
         subprocess.run(["nsenter", f"--net={self.path}", "ip", "link", "set", "lo", "up"],
                        check=True)
         self._ctx = netns.InNetns(self.path)
+        # the real host netns, still reachable by path for nsenter while we are inside
+        self._outer_fd = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+        self.outer_path = f"/proc/{os.getpid()}/fd/{self._outer_fd}"
 
     def __enter__(self):
         self._ctx.__enter__()
@@ -55,6 +58,7 @@ class HostNetns:
         self._ctx.__exit__(*exc)
 
     def remove(self):
+        os.close(self._outer_fd)
         netns.delete_path(self.path)
         netns.release_dir(self.dir)
 
