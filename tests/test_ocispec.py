@@ -656,3 +656,16 @@ def test_crun_enforces_runtime_default_seccomp(tmp_path, busybox_rootfs, profile
     rc, out, _ = run_in_crun(tmp_path, busybox_rootfs, c, sandbox(),
                              "unshare -U /bin/echo in-new-userns 2>&1")
     assert expected in out
+
+
+@needs_crun
+def test_crun_readonly_rootfs_and_sandbox_files(tmp_path, busybox_rootfs):
+    c = container()
+    c.linux.security_context.readonly_rootfs = True
+    rc, out, _ = run_in_crun(tmp_path, busybox_rootfs, c, sandbox(),
+                             "touch /x 2>&1; (echo x > /etc/hosts) 2>&1; "
+                             "echo shm > /dev/shm/f && echo shm-writable")
+    assert "touch: /x: Read-only file system" in out
+    assert "can't create /etc/hosts: Read-only file system" in out
+    assert "shm-writable" in out
+    assert (tmp_path / "pod" / "shm" / "f").read_text() == "shm\n"  # the pod's shared shm
