@@ -1,0 +1,97 @@
+"""Layer unpacking: overlay-form whiteouts, metadata, and hostile archives (unit)."""
+import gzip
+import hashlib
+import io
+import os
+import stat
+import tarfile
+
+import pytest
+
+from tests.support.fx_registry import build_layer
+from vmcri.image.unpack import OPAQUE_XATTR, LayerError, unpack_layer
+
+
+def write_blob(tmp_path, tar_bytes: bytes, compress=True) -> tuple[str, str]:
+    path = tmp_path / "blob"
+    path.write_bytes(gzip.compress(tar_bytes) if compress else tar_bytes)
+    return str(path), "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
+
+
+def raw_tar(members: list[tarfile.TarInfo]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for m in members:
+            tar.addfile(m, io.BytesIO(b"x" * m.size) if m.isreg() else None)
+    return buf.getvalue()
+
+
+def member(name, kind=tarfile.REGTYPE, linkname="", size=0, mode=0o644):
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.linkname, ti.size, ti.mode = kind, linkname, size, mode
+    return ti
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_overlay_form_and_metadata(tmp_path, compress):
+    tar = build_layer([("dir", "d", 0o750), ("file", "d/f", b"hi", 0o640), ("whiteout", "d/old"),
+                       ("opaque", "o"), ("symlink", "d/l", "/abs/target"),
+                       ("hardlink", "d/h", "d/f"), ("file", "top", b"t")])
+    blob, diff_id = write_blob(tmp_path, tar, compress)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    assert unpack_layer(blob, str(dest), diff_id) == len(tar)
+    wh = os.lstat(dest / "d/old")
+    assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
+    assert os.getxattr(dest / "o", OPAQUE_XATTR) == b"y"
+    assert not (dest / "o/.wh..wh..opq").exists() and not (dest / "d/.wh.old").exists()
+    assert stat.S_IMODE(os.stat(dest / "d").st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(dest / "d/f").st_mode) == 0o640
+    assert os.readlink(dest / "d/l") == "/abs/target"
+    assert os.stat(dest / "d/h").st_ino == os.stat(dest / "d/f").st_ino
+    assert int(os.stat(dest / "top").st_mtime) == 1_700_000_000
+
+
+def test_diff_id_mismatch(tmp_path):
+    blob, _ = write_blob(tmp_path, build_layer([("file", "a", b"a")]))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(LayerError, match="diff_id mismatch"):
+        unpack_layer(blob, str(dest), "sha256:" + "0" * 64)
+
+
+@pytest.mark.parametrize("members,why", [
+    ([member("../escape")], "escapes"),
+    ([member("a/../../escape")], "escapes"),
+    ([member("link", tarfile.SYMTYPE, "/tmp"), member("link/pwned")], "not a directory"),
+    ([member("up", tarfile.SYMTYPE, ".."), member("up/pwned")], "not a directory"),
+    ([member("h", tarfile.LNKTYPE, "../../etc/passwd")], "escapes"),
+    ([member("h", tarfile.LNKTYPE, "missing")], "missing"),
+])
+def test_hostile_archives_are_refused(tmp_path, members, why):
+    tar = raw_tar(members)
+    blob, diff_id = write_blob(tmp_path, tar)
+    dest = tmp_path / "sub" / "out"
+    dest.mkdir(parents=True)
+    with pytest.raises(LayerError, match=why):
+        unpack_layer(blob, str(dest), diff_id)
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "sub" / "escape").exists()
+    assert not os.path.exists("/tmp/pwned")
+
+
+def test_absolute_member_names_stay_inside(tmp_path):
+    tar = raw_tar([member("/etc/inside", size=3)])
+    blob, diff_id = write_blob(tmp_path, tar)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    unpack_layer(blob, str(dest), diff_id)
+    assert (dest / "etc/inside").read_bytes() == b"xxx"
+
+
+def test_corrupt_gzip(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(gzip.compress(build_layer([("file", "a", b"a" * 5000)]))[:-40])
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(LayerError):
+        unpack_layer(str(path), str(dest), "sha256:" + "0" * 64)
