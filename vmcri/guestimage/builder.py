@@ -273,7 +273,7 @@ def _compile_pyc(tree: str, log) -> None:
     dirs = [os.path.join(tree, "usr", "lib", "python3.11"), os.path.join(tree, "usr", "lib", "python3", "dist-packages")]
     env = {"PYTHONHOME": os.path.join(tree, "usr"), "PATH": "/usr/bin:/bin", "LC_ALL": "C"}
     r = subprocess.run([ld, "--library-path", libpath, os.path.join(tree, "usr", "bin", "python3.11"),
-                        "-m", "compileall", "-q", "-j", "0", "-s", tree, "-p", "/", *dirs],
+                        "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash", "-s", tree, "-p", "/", *dirs],
                        capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise BuildError(f"compileall with the guest interpreter failed: {(r.stdout + r.stderr)[-1500:]}")

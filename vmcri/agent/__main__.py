@@ -1,0 +1,90 @@
+"""Guest agent entry point: `python3.11 -I -S -m vmcri_agent` as PID 1 after switch_root.
+
+Order matters for boot time: mounts and the background module loader come first, then
+the (slow, ~2 s under TCG) paramiko import, then the port is served.
+"""
+import os
+import sys
+import threading
+import time
+
+from . import pid1, protocol
+
+LATE_MODULES = "/lib/modules/vmcri-late"
+PORT_DIR = "/dev/virtio-ports"
+
+
+class Agent:
+    def __init__(self):
+        self.reaper = pid1.Reaper()
+        self.late_modules_done = threading.Event()
+        self.share_mounted = False
+        self.procs = None
+        self.handlers = {}
+
+    def spawn(self, argv, **kw):
+        from .procs import spawn
+        return spawn(argv, **kw)
+
+    def load_late_modules(self):
+        """insmod the non-root modules (9p, overlay, virtio_net) while paramiko imports."""
+        try:
+            script = (f"ip link set lo up; while read -r m; do insmod {LATE_MODULES}/$m "
+                      f"|| echo \"vmcri-agent: insmod $m failed\"; done < {LATE_MODULES}/late.order")
+            pid = self.spawn(["/bin/sh", "-c", script])
+            pid1.wait_status(self.reaper, pid, 120)
+            pid1.phase("modules-late")
+            self.share_mounted = pid1.mount_share_if_present()
+        except Exception as e:
+            print(f"vmcri-agent: late modules: {e}", flush=True)
+        finally:
+            self.late_modules_done.set()
+
+
+def find_port(name: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        link = os.path.join(PORT_DIR, name)
+        if os.path.exists(link):
+            return link
+        try:
+            for p in os.listdir("/sys/class/virtio-ports"):
+                with open(f"/sys/class/virtio-ports/{p}/name") as f:
+                    if f.read().strip() == name:
+                        return f"/dev/{p}"
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"virtio-serial port {name!r} not found")
+        time.sleep(0.05)
+
+
+def main():
+    pid1.phase("python-start")
+    is_init = os.getpid() == 1
+    if is_init:
+        pid1.setup_mounts()
+    agent = Agent()
+    threading.Thread(target=agent.load_late_modules, daemon=True, name="late-modules").start()
+    sys.path.append("/usr/lib/python3/dist-packages")
+    import logging
+    logging.basicConfig(level=logging.WARNING, format="vmcri-agent: %(name)s: %(message)s")
+    from . import handlers_system, procs, server  # imports paramiko (the slow part)
+    pid1.phase("paramiko-imported")
+    agent.procs = procs.ProcessTable(agent.reaper)
+    agent.handlers = dict(handlers_system.HANDLERS)
+    port = server.PortServer(agent, find_port(protocol.PORT_NAME))
+    pid1.phase("agent-ready")
+    print(protocol.READY_MARKER, flush=True)
+    port.serve_forever()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BaseException as e:
+        print(f"vmcri-agent: fatal: {type(e).__name__}: {e}", flush=True)
+        if os.getpid() == 1:
+            time.sleep(1)
+            pid1.power_off()
+        raise

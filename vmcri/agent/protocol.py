@@ -1,0 +1,286 @@
+"""Agent protocol: the one definition both the guest agent and the host client import.
+
+Transport: one SSH connection (host = client, agent = server, auth "none") over the
+virtio-serial port named PORT_NAME.
+
+Every call is one SSH session channel:
+  1. the host sends an `exec` request whose command string is `<method> <json-object>`
+     (at most MAX_REQUEST_BYTES);
+  2. the agent answers with ONE JSON line on the channel's stdout (at most MAX_REPLY_BYTES):
+     {"ok": true, "result": {...}}  or  {"ok": false, "error": {"type": ..., "message": ...}}
+  3. control calls end there (exit-status 0, channel closed). Streaming calls (`run`,
+     `attach`) then carry the process's stdout/stderr as channel data / extended data
+     and its stdin as channel data from the host; `pty-req` before the exec asks for a
+     tty, `window-change` resizes it, `signal` (RFC 4254 6.9, name without "SIG") signals
+     it, and the exit code arrives as `exit-status` (128+N when killed by signal N).
+
+A process started by `run` outlives the channel: output produced while nobody is attached
+is kept (PROCESS_BUFFER_BYTES per process, oldest dropped first, counted in `dropped`),
+and `attach` with the process id resumes its stream and exit status.
+
+This module is stdlib only: it runs inside the guest.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+
+PORT_NAME = "vmcri.agent"
+SHARE_TAG = "vmcri-share"
+SHARE_MOUNT = "/run/vmcri/share"
+READY_MARKER = "VMCRI-AGENT-READY"
+PHASE_PREFIX = "VMCRI-PHASE"
+
+MAX_REQUEST_BYTES = 30_000       # fits one SSH packet
+MAX_REPLY_BYTES = 1 << 20
+PROCESS_BUFFER_BYTES = 1 << 20
+MAX_ETC_FILE_BYTES = 16_384
+ETC_FILES = ("hosts", "resolv.conf", "hostname")
+
+STREAMING = frozenset({"run", "attach"})
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HOST_RE = re.compile(r"^(?=.{1,64}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SIGNALS = ("HUP", "INT", "QUIT", "KILL", "USR1", "USR2", "TERM", "STOP", "CONT", "WINCH", "ALRM")
+
+
+class ProtocolError(ValueError):
+    """A request or reply does not follow the protocol; the message names the field."""
+
+
+# -- field checks --------------------------------------------------------------
+
+def _str(field, v, max_len=4096, allow_empty=False):
+    if not isinstance(v, str):
+        raise ProtocolError(f"{field}: expected a string, got {type(v).__name__}")
+    if not v and not allow_empty:
+        raise ProtocolError(f"{field}: must not be empty")
+    if len(v) > max_len:
+        raise ProtocolError(f"{field}: longer than {max_len} characters")
+    if "\0" in v:
+        raise ProtocolError(f"{field}: contains a NUL byte")
+    return v
+
+
+def _int(field, v, lo, hi):
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ProtocolError(f"{field}: expected an integer, got {type(v).__name__}")
+    if not lo <= v <= hi:
+        raise ProtocolError(f"{field}: {v} is outside {lo}..{hi}")
+    return v
+
+
+def _bool(field, v):
+    if not isinstance(v, bool):
+        raise ProtocolError(f"{field}: expected true or false, got {type(v).__name__}")
+    return v
+
+
+def _list(field, v, max_items):
+    if not isinstance(v, list):
+        raise ProtocolError(f"{field}: expected a list, got {type(v).__name__}")
+    if len(v) > max_items:
+        raise ProtocolError(f"{field}: more than {max_items} items")
+    return v
+
+
+def check_id(field, v):
+    _str(field, v, 64)
+    if not _ID_RE.match(v):
+        raise ProtocolError(f"{field}: {v!r} is not a valid id ([A-Za-z0-9_.-], at most 64)")
+    return v
+
+
+def _hostname(field, v):
+    _str(field, v, 64)
+    if not _HOST_RE.match(v):
+        raise ProtocolError(f"{field}: {v!r} is not a valid hostname")
+    return v
+
+
+def _cidr(field, v):
+    _str(field, v, 64)
+    try:
+        iface = ipaddress.ip_interface(v)
+    except ValueError:
+        raise ProtocolError(f"{field}: {v!r} is not an address with prefix (e.g. 10.0.0.2/24)") from None
+    if "/" not in v:
+        raise ProtocolError(f"{field}: {v!r} needs a prefix length")
+    return str(iface)
+
+
+def _ip(field, v):
+    _str(field, v, 64)
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ProtocolError(f"{field}: {v!r} is not an IP address") from None
+
+
+# -- per-method parameter validation -------------------------------------------
+
+def _no_params(p):
+    return {}
+
+
+def _set_hostname(p):
+    return {"hostname": _hostname("hostname", p.get("hostname"))}
+
+
+def _write_etc(p):
+    files = p.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ProtocolError("files: expected a non-empty object of file name -> content")
+    out = {}
+    for name, content in files.items():
+        if name not in ETC_FILES:
+            raise ProtocolError(f"files.{name}: only {', '.join(ETC_FILES)} may be written")
+        out[name] = _str(f"files.{name}", content, MAX_ETC_FILE_BYTES, allow_empty=True)
+    return {"files": out}
+
+
+def _configure_nic(p):
+    mac = _str("mac", p.get("mac"), 17).lower()
+    if not _MAC_RE.match(mac):
+        raise ProtocolError(f"mac: {mac!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
+    out = {"mac": mac, "addresses": [], "routes": []}
+    for i, a in enumerate(_list("addresses", p.get("addresses", []), 32)):
+        out["addresses"].append(_cidr(f"addresses[{i}]", a))
+    for i, r in enumerate(_list("routes", p.get("routes", []), 64)):
+        if not isinstance(r, dict):
+            raise ProtocolError(f"routes[{i}]: expected an object with dst and optional gw")
+        unknown = set(r) - {"dst", "gw"}
+        if unknown:
+            raise ProtocolError(f"routes[{i}].{sorted(unknown)[0]}: unknown field")
+        dst = r.get("dst")
+        if dst != "default":
+            try:
+                dst = str(ipaddress.ip_network(_str(f"routes[{i}].dst", dst, 64), strict=False))
+            except ValueError:
+                raise ProtocolError(f"routes[{i}].dst: {dst!r} is not 'default' or a network") from None
+        route = {"dst": dst}
+        if r.get("gw") is not None:
+            route["gw"] = _ip(f"routes[{i}].gw", r["gw"])
+        out["routes"].append(route)
+    if p.get("mtu") is not None:
+        out["mtu"] = _int("mtu", p["mtu"], 68, 65535)
+    if p.get("name") is not None:
+        name = _str("name", p["name"], 15)
+        if not _IFNAME_RE.match(name):
+            raise ProtocolError(f"name: {name!r} is not a valid interface name")
+        out["name"] = name
+    return out
+
+
+def _run(p):
+    argv = _list("argv", p.get("argv"), 4096)
+    if not argv:
+        raise ProtocolError("argv: must not be empty")
+    out = {"argv": [_str(f"argv[{i}]", a, 16384, allow_empty=(i > 0)) for i, a in enumerate(argv)]}
+    env = p.get("env", {})
+    if not isinstance(env, dict) or len(env) > 1024:
+        raise ProtocolError("env: expected an object of at most 1024 NAME -> value")
+    for k, v in env.items():
+        if not _ENV_KEY_RE.match(k):
+            raise ProtocolError(f"env.{k}: not a valid variable name")
+        _str(f"env.{k}", v, 16384, allow_empty=True)
+    out["env"] = dict(env)
+    cwd = p.get("cwd", "/")
+    if not _str("cwd", cwd, 4096).startswith("/"):
+        raise ProtocolError(f"cwd: {cwd!r} must be an absolute path")
+    out["cwd"] = cwd
+    out["tty"] = _bool("tty", p.get("tty", False))
+    out["stdin"] = _bool("stdin", p.get("stdin", False))
+    if p.get("id") is not None:
+        out["id"] = check_id("id", p["id"])
+    return out
+
+
+def _attach(p):
+    return {"id": check_id("id", p.get("id")), "stdin": _bool("stdin", p.get("stdin", False))}
+
+
+METHODS = {
+    "ping": _no_params,
+    "info": _no_params,
+    "set_hostname": _set_hostname,
+    "write_etc": _write_etc,
+    "configure_nic": _configure_nic,
+    "run": _run,
+    "attach": _attach,
+    "shutdown": _no_params,
+}
+
+
+def validate(method: str, params) -> dict:
+    """Normalised params for `method`, or ProtocolError naming the bad field."""
+    if method not in METHODS:
+        raise ProtocolError(f"method: unknown method {method!r}")
+    if not isinstance(params, dict):
+        raise ProtocolError("params: expected a JSON object")
+    return METHODS[method](params)
+
+
+def encode_request(method: str, params: dict) -> str:
+    params = validate(method, params)
+    cmd = f"{method} {json.dumps(params, separators=(',', ':'))}"
+    if len(cmd.encode()) > MAX_REQUEST_BYTES:
+        raise ProtocolError(f"params: request is larger than {MAX_REQUEST_BYTES} bytes")
+    return cmd
+
+
+def decode_request(command: bytes | str) -> tuple[str, dict]:
+    if isinstance(command, bytes):
+        if len(command) > MAX_REQUEST_BYTES:
+            raise ProtocolError(f"request: larger than {MAX_REQUEST_BYTES} bytes")
+        command = command.decode("utf-8", "strict")
+    method, _, body = command.partition(" ")
+    if method not in METHODS:
+        raise ProtocolError(f"method: unknown method {method[:64]!r}")
+    try:
+        params = json.loads(body) if body.strip() else {}
+    except ValueError as e:
+        raise ProtocolError(f"params: not valid JSON ({e})") from None
+    return method, validate(method, params)
+
+
+def encode_reply(result: dict | None = None, error: tuple[str, str] | None = None) -> bytes:
+    if error is not None:
+        msg = {"ok": False, "error": {"type": error[0], "message": error[1][:4096]}}
+    else:
+        msg = {"ok": True, "result": result or {}}
+    data = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+    if len(data) > MAX_REPLY_BYTES:
+        return encode_reply(error=("Internal", "reply too large"))
+    return data
+
+
+def decode_reply(line: bytes) -> dict:
+    """The reply object ({"ok":..., ...}); ProtocolError if it is malformed."""
+    if len(line) > MAX_REPLY_BYTES:
+        raise ProtocolError(f"reply: larger than {MAX_REPLY_BYTES} bytes")
+    try:
+        msg = json.loads(line.decode("utf-8", "strict"))
+    except ValueError as e:
+        raise ProtocolError(f"reply: not valid JSON ({e})") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("ok"), bool):
+        raise ProtocolError("reply: expected an object with boolean 'ok'")
+    if msg["ok"]:
+        if not isinstance(msg.get("result", {}), dict):
+            raise ProtocolError("reply.result: expected an object")
+    else:
+        err = msg.get("error")
+        if not isinstance(err, dict) or not isinstance(err.get("message"), str) or not isinstance(err.get("type"), str):
+            raise ProtocolError("reply.error: expected an object with string type and message")
+    return msg
+
+
+def check_signal(name) -> str:
+    _str("signal", name, 16)
+    if name not in _SIGNALS:
+        raise ProtocolError(f"signal: {name!r} is not one of {', '.join(_SIGNALS)}")
+    return name

@@ -1,0 +1,262 @@
+"""SSH server of the agent over the virtio-serial port (paramiko, auth "none").
+
+The port fd is not a socket, so each host connection is relayed through a socketpair:
+one reader thread owns the port for the agent's whole life and feeds the current
+session; b'' from read() means the host disconnected (HOST-NOTES §2), so the session
+ends and the next bytes (a new banner) start a fresh SSH handshake.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import paramiko
+from paramiko.common import MSG_CHANNEL_REQUEST
+from paramiko.channel import Channel
+
+from . import pid1, protocol
+from .handlers_system import AgentCallError
+
+IDLE_POLL_S = 0.02
+
+
+def ed25519_host_key() -> paramiko.PKey:
+    """paramiko 2.12 cannot generate Ed25519 keys itself; build one from PyNaCl."""
+    import nacl.signing
+    sk = nacl.signing.SigningKey.generate()
+    key = paramiko.Ed25519Key.__new__(paramiko.Ed25519Key)
+    key.public_blob = None
+    key._signing_key = sk
+    key._verifying_key = sk.verify_key
+    return key
+
+
+def _handle_request_then_start(chan: Channel, m) -> None:
+    """MSG_CHANNEL_REQUEST handler: adds `signal`, and starts an exec only after paramiko
+    has sent its reply (starting earlier races the reply: host sees "Channel closed")."""
+    pos = m.packet.tell()
+    key = m.get_text()
+    want_reply = m.get_boolean()
+    server = chan.transport.server_object
+    if key == "signal":
+        name = m.get_text()
+        server.on_signal(chan, name)
+        return
+    m.packet.seek(pos)
+    Channel._handle_request(chan, m)
+    if key == "exec":
+        server.start_pending(chan)
+
+
+class AgentTransport(paramiko.Transport):
+    _channel_handler_table = dict(paramiko.Transport._channel_handler_table)
+    _channel_handler_table[MSG_CHANNEL_REQUEST] = _handle_request_then_start
+
+
+class SessionServer(paramiko.ServerInterface):
+    def __init__(self, agent):
+        self.agent = agent
+        self._pending: dict[int, tuple] = {}
+        self._ptys: dict[int, tuple[int, int]] = {}
+        self._procs: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def get_allowed_auths(self, username):
+        return "none"
+
+    def check_auth_none(self, username):
+        return paramiko.AUTH_SUCCESSFUL
+
+    def check_channel_request(self, kind, chanid):
+        if kind == "session":
+            return paramiko.OPEN_SUCCEEDED
+        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+    def check_channel_pty_request(self, chan, term, width, height, pw, ph, modes):
+        with self._lock:
+            self._ptys[chan.get_id()] = (width, height)
+        return True
+
+    def check_channel_window_change_request(self, chan, width, height, pw, ph):
+        with self._lock:
+            self._ptys[chan.get_id()] = (width, height)
+            proc = self._procs.get(chan.get_id())
+        if proc is not None:
+            proc.resize(width, height)
+        return True
+
+    def check_channel_exec_request(self, chan, command):
+        try:
+            method, params = protocol.decode_request(command)
+            item = (method, params, None)
+        except (protocol.ProtocolError, UnicodeDecodeError) as e:
+            item = (None, None, ("InvalidArgument", str(e)))
+        with self._lock:
+            self._pending[chan.get_id()] = item
+        return True
+
+    def on_signal(self, chan, name):
+        with self._lock:
+            proc = self._procs.get(chan.get_id())
+        if proc is not None:
+            try:
+                proc.signal(name)
+            except protocol.ProtocolError as e:
+                print(f"vmcri-agent: {e}", flush=True)
+
+    def start_pending(self, chan):
+        with self._lock:
+            item = self._pending.pop(chan.get_id(), None)
+        if item is not None:
+            threading.Thread(target=self._serve_call, args=(chan, *item), daemon=True).start()
+
+    # -- calls ------------------------------------------------------------------
+    def _serve_call(self, chan, method, params, error):
+        try:
+            if error is None and method in protocol.STREAMING:
+                self._serve_stream(chan, method, params)
+                return
+            if error is None:
+                try:
+                    result = self.agent.handlers[method](self.agent, params)
+                    reply = protocol.encode_reply(result)
+                except AgentCallError as e:
+                    reply = protocol.encode_reply(error=(e.kind, str(e)))
+                except protocol.ProtocolError as e:
+                    reply = protocol.encode_reply(error=("InvalidArgument", str(e)))
+                except Exception as e:
+                    reply = protocol.encode_reply(error=("Internal", f"{type(e).__name__}: {e}"))
+            else:
+                reply = protocol.encode_reply(error=error)
+            chan.sendall(reply)
+            chan.send_exit_status(0 if reply.startswith(b'{"ok":true') else 1)
+            chan.shutdown_write()
+            chan.close()
+        except Exception as e:  # host vanished mid-reply: nothing to tell anyone
+            print(f"vmcri-agent: call {method} reply failed: {e}", flush=True)
+
+    def _serve_stream(self, chan, method, params):
+        procs = self.agent.procs
+        if method == "run":
+            with self._lock:
+                size = self._ptys.get(chan.get_id())
+            if size is not None:
+                params = dict(params, tty=True)
+            try:
+                proc = procs.start(params)
+            except FileExistsError as e:
+                return self._fail(chan, "AlreadyExists", str(e))
+            except (OSError, ValueError) as e:
+                return self._fail(chan, "Failed", f"starting {params['argv'][0]!r}: {e}")
+            if size is not None:
+                proc.resize(*size)
+            with_stdin = params["stdin"] or params["tty"]
+        else:
+            proc = procs.get(params["id"])
+            if proc is None or proc.delivered:
+                return self._fail(chan, "NotFound", f"id: no process {params['id']!r}")
+            with_stdin = params["stdin"]
+        with self._lock:
+            self._procs[chan.get_id()] = proc
+        head = {"id": proc.id, "pid": proc.pid, "dropped": proc.dropped, "exited": proc.status is not None}
+        chan.sendall(protocol.encode_reply(head))
+        proc.attach(chan, with_stdin)
+
+    def _fail(self, chan, kind, msg):
+        chan.sendall(protocol.encode_reply(error=(kind, msg)))
+        chan.send_exit_status(1)
+        chan.shutdown_write()
+        chan.close()
+
+
+class PortServer:
+    """Owns the port fd; runs one SSH session per host connection."""
+
+    def __init__(self, agent, port_path: str):
+        self.agent = agent
+        self.fd = os.open(port_path, os.O_RDWR)
+        self.host_key = ed25519_host_key()
+        self.sessions = 0
+        self._sock = None  # our end of the current session's socketpair
+
+    def serve_forever(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except InterruptedError:
+                continue
+            if not data:
+                self._end_session()
+                time.sleep(IDLE_POLL_S)
+                continue
+            if self._sock is None:
+                self._start_session()
+            try:
+                self._sock.sendall(data)
+            except OSError:
+                # the session died on its own (bad input): these bytes start a fresh one
+                self._end_session()
+                self._start_session()
+                try:
+                    self._sock.sendall(data)
+                except OSError:
+                    self._end_session()
+
+    def _start_session(self) -> None:
+        ours, theirs = socket.socketpair()
+        self._sock = ours
+        self.sessions += 1
+        n = self.sessions
+        threading.Thread(target=self._to_port, args=(ours,), daemon=True, name=f"to-port-{n}").start()
+        threading.Thread(target=self._run_transport, args=(theirs, n), daemon=True, name=f"ssh-{n}").start()
+
+    def _end_session(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+            self._sock = None
+
+    def _to_port(self, sock) -> None:
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            try:
+                os.write(self.fd, data)
+            except OSError:
+                return
+
+    def _run_transport(self, sock, n: int) -> None:
+        t = AgentTransport(sock)
+        t.add_server_key(self.host_key)
+        server = SessionServer(self.agent)
+        try:
+            t.start_server(server=server)
+            if n == 1:
+                pid1.phase("ssh-handshake")
+            # channels are served from the exec callback; the references kept here
+            # matter: paramiko closes a Channel when it is garbage collected
+            live = []
+            while t.is_active():
+                chan = t.accept(1.0)
+                live = [c for c in live if not c.closed]
+                if chan is not None:
+                    live.append(chan)
+        except Exception as e:
+            print(f"vmcri-agent: ssh session {n} ended: {e}", flush=True)
+        finally:
+            t.close()
+            sock.close()
+
+
+def describe_error(e: Exception) -> str:
+    return json.dumps({"error": str(e)})

@@ -1,0 +1,368 @@
+"""Host side of the agent channel: one persistent SSH connection per VM over the
+virtio-serial unix socket (qemu is the server side of that socket).
+
+The guest is hostile: every read is bounded in size and time. A garbage banner, an
+oversized packet or reply, or a changed host key closes this VM's connection with a
+logged error and raises; nothing outside this client is touched.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import threading
+import time
+
+import paramiko
+from paramiko.common import cMSG_CHANNEL_REQUEST
+from paramiko.message import Message
+
+from vmcri.agent import protocol
+
+log = logging.getLogger(__name__)
+
+PRE_AUTH_BYTE_LIMIT = 256 * 1024   # banner + key exchange never need more
+MAX_PACKET_BYTES = 256 * 1024      # paramiko itself has no upper bound on a packet
+DEFAULT_MAX_OUTPUT = 16 << 20      # per stream, for run()
+
+
+class AgentError(Exception):
+    """The agent answered with an error, or broke the protocol."""
+
+    def __init__(self, message: str, kind: str = "Failed"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class AgentTimeout(AgentError):
+    def __init__(self, message: str):
+        super().__init__(message, "DeadlineExceeded")
+
+
+class AgentProtocolError(AgentError):
+    def __init__(self, message: str):
+        super().__init__(message, "ProtocolError")
+
+
+class _BoundedSocket:
+    """Socket proxy that caps what the guest may send before authentication finishes."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self.received = 0
+        self.authed = False
+
+    def recv(self, n):
+        data = self._sock.recv(n)
+        if not self.authed:
+            self.received += len(data)
+            if self.received > PRE_AUTH_BYTE_LIMIT:
+                raise paramiko.SSHException(f"guest sent more than {PRE_AUTH_BYTE_LIMIT} bytes before authentication")
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def _bound_packets(transport: paramiko.Transport) -> None:
+    pk = transport.packetizer
+    orig = pk.read_all
+
+    def read_all(n, check_rekey=False):
+        if n > MAX_PACKET_BYTES:
+            raise paramiko.SSHException(f"guest announced a {n}-byte packet (limit {MAX_PACKET_BYTES})")
+        return orig(n, check_rekey)
+
+    pk.read_all = read_all
+
+
+def _remaining(deadline: float) -> float:
+    r = deadline - time.monotonic()
+    if r <= 0:
+        raise AgentTimeout("agent call timed out")
+    return r
+
+
+class ProcessStream:
+    """A process in the guest, streamed over one SSH channel (see protocol.py)."""
+
+    def __init__(self, chan: paramiko.Channel, head: dict, leftover: bytes):
+        self.channel = chan
+        self.id = head.get("id")
+        self.pid = head.get("pid")
+        self.dropped = head.get("dropped", 0)
+        self._leftover = leftover
+
+    def recv(self, n: int = 65536, timeout: float | None = None) -> bytes:
+        if self._leftover:
+            data, self._leftover = self._leftover[:n], self._leftover[n:]
+            return data
+        self.channel.settimeout(timeout)
+        return self.channel.recv(n)
+
+    def recv_stderr(self, n: int = 65536, timeout: float | None = None) -> bytes:
+        self.channel.settimeout(timeout)
+        return self.channel.recv_stderr(n)
+
+    def send(self, data: bytes) -> None:
+        self.channel.sendall(data)
+
+    def close_stdin(self) -> None:
+        self.channel.shutdown_write()
+
+    def signal(self, name: str) -> None:
+        protocol.check_signal(name)
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_REQUEST)
+        m.add_int(self.channel.remote_chanid)
+        m.add_string("signal")
+        m.add_boolean(False)
+        m.add_string(name)
+        self.channel.transport._send_user_message(m)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.channel.resize_pty(width=cols, height=rows)
+
+    def exit_status(self, timeout: float | None = None) -> int | None:
+        """Exit code (128+N for signal N); None if the channel closed without one."""
+        if not self.channel.status_event.wait(timeout):
+            raise AgentTimeout("process did not exit in time")
+        st = self.channel.exit_status
+        return None if st == -1 else st
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class AgentClient:
+    def __init__(self, socket_path: str, connect_timeout: float = 10.0, call_timeout: float = 30.0,
+                 max_output: int = DEFAULT_MAX_OUTPUT, name: str = ""):
+        self.socket_path = socket_path
+        self.connect_timeout = connect_timeout
+        self.call_timeout = call_timeout
+        self.max_output = max_output
+        self.name = name or socket_path
+        self.host_key_fingerprint: str | None = None
+        self._transport: paramiko.Transport | None = None
+        self._lock = threading.Lock()
+
+    # -- connection ---------------------------------------------------------------
+    def _connect(self, deadline: float) -> paramiko.Transport:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(_remaining(deadline))
+            sock.connect(self.socket_path)
+            bounded = _BoundedSocket(sock)
+            t = paramiko.Transport(bounded)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            _bound_packets(t)
+            t.banner_timeout = t.handshake_timeout = t.auth_timeout = _remaining(deadline)
+            t.start_client(timeout=_remaining(deadline))
+            key = t.get_remote_server_key()
+            fp = "SHA256:" + hashlib.sha256(key.asbytes()).hexdigest()
+            if self.host_key_fingerprint is None:
+                self.host_key_fingerprint = fp
+            elif fp != self.host_key_fingerprint:
+                raise AgentProtocolError(f"agent host key changed ({self.host_key_fingerprint} -> {fp})")
+            t.auth_none("vmcri")
+            if not t.is_authenticated():
+                raise AgentProtocolError("agent refused auth none")
+            bounded.authed = True
+            return t
+        except BaseException as e:
+            t.close()
+            if isinstance(e, (paramiko.SSHException, EOFError)):
+                log.error("agent %s: handshake failed: %s", self.name, e)
+                raise AgentProtocolError(f"agent handshake failed: {e}") from e
+            raise
+
+    def _ensure(self, deadline: float) -> paramiko.Transport:
+        with self._lock:
+            t = self._transport
+            if t is not None and t.is_active():
+                return t
+            self._transport = None
+            last = None
+            # a stale guest session can eat our first banner after a quick reconnect: retry
+            while time.monotonic() < deadline:
+                try:
+                    self._transport = self._connect(deadline)
+                    return self._transport
+                except AgentProtocolError as e:
+                    if "host key changed" in str(e):
+                        raise
+                    last = e
+                    time.sleep(0.05)
+            raise AgentTimeout(f"agent connect timed out ({last})" if last else "agent connect timed out")
+
+    def _drop(self, why: str) -> None:
+        with self._lock:
+            t, self._transport = self._transport, None
+        if t is not None:
+            log.error("agent %s: closing connection: %s", self.name, why)
+            t.close()
+
+    def close(self) -> None:
+        with self._lock:
+            t, self._transport = self._transport, None
+        if t is not None:
+            t.close()
+
+    @property
+    def connected(self) -> bool:
+        t = self._transport
+        return t is not None and t.is_active()
+
+    def wait_ready(self, timeout: float) -> dict:
+        """Connect and ping until the agent answers (socket may not exist yet)."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                return self.call("ping", timeout=max(0.1, deadline - time.monotonic()))
+            except (OSError, AgentTimeout, AgentProtocolError) as e:
+                last = e
+                self._drop(f"not ready: {e}") if self._transport else None
+                time.sleep(0.1)
+        raise AgentTimeout(f"agent not ready after {timeout:.0f}s: {last}")
+
+    # -- calls --------------------------------------------------------------------
+    def _open(self, command: str, deadline: float, pty: tuple[int, int] | None = None) -> paramiko.Channel:
+        t = self._ensure(deadline)
+        try:
+            chan = t.open_session(timeout=_remaining(deadline))
+        except paramiko.SSHException as e:
+            if not t.is_active():
+                self._drop(str(e))
+            raise AgentError(f"opening agent channel failed: {e}") from e
+        # exec_command/get_pty wait without a timeout: a watchdog closes the channel
+        timer = threading.Timer(_remaining(deadline), chan.close)
+        timer.daemon = True
+        timer.start()
+        try:
+            if pty is not None:
+                chan.get_pty(term="xterm", width=pty[0], height=pty[1])
+            chan.exec_command(command)
+        except paramiko.SSHException as e:
+            chan.close()
+            if time.monotonic() >= deadline:
+                raise AgentTimeout("agent did not answer the exec request in time") from e
+            raise AgentError(f"agent exec request failed: {e}") from e
+        finally:
+            timer.cancel()
+        return chan
+
+    def _read_head(self, chan: paramiko.Channel, deadline: float) -> tuple[dict, bytes]:
+        buf = b""
+        while b"\n" not in buf:
+            if len(buf) > protocol.MAX_REPLY_BYTES:
+                chan.close()
+                self._drop("reply exceeds the size limit")
+                raise AgentProtocolError(f"agent reply larger than {protocol.MAX_REPLY_BYTES} bytes")
+            chan.settimeout(_remaining(deadline))
+            try:
+                data = chan.recv(65536)
+            except socket.timeout:
+                chan.close()
+                raise AgentTimeout("agent call timed out") from None
+            if not data:
+                chan.close()
+                raise AgentProtocolError("agent closed the channel without a reply")
+            buf += data
+        line, _, rest = buf.partition(b"\n")
+        try:
+            msg = protocol.decode_reply(line)
+        except protocol.ProtocolError as e:
+            chan.close()
+            self._drop(f"bad reply: {e}")
+            raise AgentProtocolError(str(e)) from e
+        if not msg["ok"]:
+            chan.close()
+            raise AgentError(msg["error"]["message"], msg["error"]["type"])
+        return msg.get("result", {}), rest
+
+    def call(self, method: str, timeout: float | None = None, **params) -> dict:
+        if method in protocol.STREAMING:
+            raise ValueError(f"method: {method} is a streaming call; use run/open_process/attach")
+        command = protocol.encode_request(method, params)
+        deadline = time.monotonic() + (timeout if timeout is not None else self.call_timeout)
+        chan = self._open(command, deadline)
+        try:
+            result, _ = self._read_head(chan, deadline)
+            return result
+        finally:
+            chan.close()
+
+    def open_process(self, argv: list[str], env: dict | None = None, cwd: str = "/", tty: bool = False,
+                     stdin: bool = False, id: str | None = None, size: tuple[int, int] = (80, 24),
+                     timeout: float | None = None) -> ProcessStream:
+        params = {"argv": argv, "env": env or {}, "cwd": cwd, "tty": tty, "stdin": stdin}
+        if id is not None:
+            params["id"] = id
+        command = protocol.encode_request("run", params)
+        deadline = time.monotonic() + (timeout if timeout is not None else self.call_timeout)
+        chan = self._open(command, deadline, pty=size if tty else None)
+        head, rest = self._read_head(chan, deadline)
+        chan.settimeout(None)
+        return ProcessStream(chan, head, rest)
+
+    def attach(self, id: str, stdin: bool = False, timeout: float | None = None) -> ProcessStream:
+        command = protocol.encode_request("attach", {"id": id, "stdin": stdin})
+        deadline = time.monotonic() + (timeout if timeout is not None else self.call_timeout)
+        chan = self._open(command, deadline)
+        head, rest = self._read_head(chan, deadline)
+        chan.settimeout(None)
+        return ProcessStream(chan, head, rest)
+
+    def run(self, argv: list[str], stdin: bytes | None = None, timeout: float | None = None,
+            env: dict | None = None, cwd: str = "/", max_output: int | None = None) -> tuple[int, bytes, bytes]:
+        """ExecSync-style: (exit code, stdout, stderr), each stream capped at max_output bytes
+        (the rest is read and discarded). On timeout the process is killed and AgentTimeout raised."""
+        cap = self.max_output if max_output is None else max_output
+        deadline = time.monotonic() + (timeout if timeout is not None else self.call_timeout)
+        proc = self.open_process(argv, env=env, cwd=cwd, stdin=stdin is not None,
+                                 timeout=_remaining(deadline))
+        chan = proc.channel
+        try:
+            if stdin:
+                chan.settimeout(_remaining(deadline))
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            out = bytearray(proc._leftover[:cap])
+            proc._leftover = b""
+            err = bytearray()
+            while True:
+                got = False
+                if chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)[: max(0, cap - len(err))]
+                    got = True
+                if chan.recv_ready():
+                    out += chan.recv(65536)[: max(0, cap - len(out))]
+                    got = True
+                if got:
+                    continue
+                if (chan.eof_received or chan.closed) and chan.exit_status_ready():
+                    break
+                if chan.closed:
+                    break
+                if time.monotonic() >= deadline:
+                    raise AgentTimeout(f"run {argv[0]!r}: no exit within the timeout")
+                if chan.exit_status_ready():
+                    time.sleep(0.001)
+                else:
+                    chan.status_event.wait(0.005)
+            status = proc.exit_status(timeout=max(0.01, deadline - time.monotonic()))
+            if status is None:
+                raise AgentError(f"run {argv[0]!r}: channel closed without an exit status")
+            return status, bytes(out), bytes(err)
+        except AgentTimeout:
+            try:
+                proc.signal("KILL")
+            except Exception:
+                pass
+            raise
+        finally:
+            chan.close()
