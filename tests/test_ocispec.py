@@ -484,6 +484,8 @@ def test_host_namespaces_and_devices_are_rejected():
         c = container()
         c.linux.security_context.namespace_options.pid = cri.NODE
         build(c)
+    with pytest.raises(InvalidArgument, match=r"namespace_options\.network: a VM sandbox"):
+        build(sb=sandbox(network=cri.NODE))
     c = container()
     c.devices.append(cri.Device(container_path="/dev/fuse", host_path="/dev/fuse",
                                 permissions="rwm"))

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Mapping
 from cri_api.v1 import api_pb2
 
 from vmcri.container import seccomp
-from vmcri.container.validate import validate_container_config
+from vmcri.container.validate import validate_container_config, validate_sandbox_config
 from vmcri.errors import InvalidArgument
 
 OCI_VERSION = "1.0.2"
@@ -516,6 +516,7 @@ def build_spec(container_id: str, config: api_pb2.ContainerConfig,
     Raises InvalidArgument naming the offending field.
     """
     validate_container_config(config)
+    validate_sandbox_config(sandbox_config)
     image_config = image_config or {}
     sandbox_id = sandbox_id or sandbox_config.metadata.uid
     sec = config.linux.security_context
