@@ -12,6 +12,9 @@ import libvirt
 from cri_api.v1 import api_pb2_grpc as pb_grpc
 
 from vmcri.config import Config
+from vmcri.cri import grpc_errors
+from vmcri.events import EventBus
+from vmcri.metrics import Metrics
 from vmcri.sandbox import accel
 from vmcri.sandbox.virt import Hypervisor
 from vmcri.store import Store
@@ -40,17 +43,36 @@ class Runtime:
             self.images = ImageService(self.cfg, self.store)
         except ImportError:  # TEMP until the image service lands
             self.images = None
-        try:
-            from vmcri.network.service import NetworkService
-            self.network = NetworkService(self.cfg)
-        except ImportError:  # TEMP until the network service lands
-            self.network = None
+        from vmcri.network.service import NetworkService
+        self.network = NetworkService(self.cfg)
+        self.metrics = Metrics()
+        self.events = EventBus()
         from vmcri.sandbox.service import SandboxService
         self.sandboxes = SandboxService(self.cfg, self.store, self.hv, self.accel,
-                                        network=self.network)
+                                        network=self.network, metrics=self.metrics)
+        self.metrics.track_sandbox_states(self.sandboxes.table)
 
         from vmcri.container.service import ContainerService
-        self.containers = ContainerService(self.cfg, self.store, self.sandboxes, self.images)
+        self.containers = ContainerService(self.cfg, self.store, self.sandboxes, self.images,
+                                           events=self.events, metrics=self.metrics)
+
+        self.events.build_event = self._container_event
+
+    def _container_event(self, container_id: str, kind: str, created_ns: int):
+        from cri_api.v1 import api_pb2 as pb
+
+        from vmcri.container.container_status import to_status
+        from vmcri.sandbox.sandbox_status import to_status as sandbox_to_status
+        rec = self.containers.table.get(container_id)
+        if rec is None:
+            return None
+        sb = self.sandboxes.table.get(rec.sandbox_id)
+        return pb.ContainerEventResponse(
+            container_id=container_id,
+            container_event_type=getattr(pb.ContainerEventType, f"CONTAINER_{kind}_EVENT"),
+            created_at=created_ns,
+            pod_sandbox_status=sandbox_to_status(self.sandboxes, sb) if sb else None,
+            containers_statuses=self.container_statuses(rec.sandbox_id))
 
     def container_statuses(self, sandbox_id: str) -> list:
         from vmcri.container.container_status import statuses_in_sandbox
@@ -76,8 +98,8 @@ class Runtime:
         return True, "", f"libvirt {version}, accel {self.accel.name}"
 
     def network_condition(self) -> tuple[bool, str, str]:
-        if self.network is None:
-            return False, "NetworkPluginNotReady", "pod networking is not available"
+        if not self.cfg.cni_conf_dir:
+            return True, "", "pod networking disabled (cni_conf_dir is empty): pods get loopback only"
         return self.network.ready()
 
     def conditions(self):
@@ -135,6 +157,10 @@ def bind_unix(server: grpc.Server, path: str) -> None:
 def serve(cfg: Config) -> None:
     runtime = Runtime(cfg)
     runtime.reconcile()
+    grpc_errors.rpc_observers.append(runtime.metrics.observe_rpc)
+    if cfg.metrics_port:
+        runtime.metrics.serve(cfg.metrics_address, cfg.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", cfg.metrics_address, cfg.metrics_port)
     server = build_server(runtime)
     bind_unix(server, cfg.socket_path)
     log.info("vmcri serving CRI v1 on unix://%s (accel %s: %s)", cfg.socket_path,

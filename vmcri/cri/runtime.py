@@ -4,12 +4,15 @@ from __future__ import annotations
 from cri_api.v1 import api_pb2 as pb
 from cri_api.v1 import api_pb2_grpc as pb_grpc
 
+import queue
 import time
+
+import grpc
 
 import vmcri
 from vmcri.container import container_status
 from vmcri.sandbox import sandbox_status
-from vmcri.cri.grpc_errors import wrap_all
+from vmcri.cri.grpc_errors import stream, wrap_all
 
 PENDING = {
     # RPC -> why it is not there yet; each answers UNIMPLEMENTED with this text.
@@ -97,6 +100,23 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
     def ReopenContainerLog(self, request, context):
         self.rt.containers.reopen_log(request.container_id)
         return pb.ReopenContainerLogResponse()
+
+    @stream
+    def GetContainerEvents(self, request, context):
+        q = self.rt.events.subscribe()
+        context.add_callback(lambda: self.rt.events.unsubscribe(q))
+        try:
+            while context.is_active():
+                try:
+                    msg = q.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                if msg is None:  # dropped for falling behind
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  "container event subscriber fell behind; resubscribe")
+                yield msg
+        finally:
+            self.rt.events.unsubscribe(q)
 
     def UpdateRuntimeConfig(self, request, context):
         # The kubelet sends the pod CIDR here; CNI plugins own addressing, as in containerd.
