@@ -127,6 +127,7 @@ class ImageService:
         self._inflight_lock = threading.Lock()
         self._layer_locks: dict[str, threading.Lock] = {}
         self.pulls_done = 0          # pulls that really ran (not joined); for tests/metrics
+        self.last_phases: dict[str, float] = {}   # seconds per phase of the last pull
 
     # -- pull ---------------------------------------------------------------------
     def pull(self, ref: str, auth: dict | None = None, sandbox_config=None) -> str:
@@ -189,6 +190,7 @@ class ImageService:
         return raw, got
 
     def _pull_from(self, session: Session, ep: Endpoint, r: reference.Reference) -> str:
+        t0 = time.monotonic()
         top_raw, top_digest = self._fetch_manifest(session, ep, r, r.digest)
         doc = _json(top_raw, f"manifest of {r}")
         media = doc.get("mediaType", "")
@@ -212,12 +214,14 @@ class ImageService:
                 raise Unimplemented(f"image {r}: layer {i} media type {d.get('mediaType')!r} "
                                     "is not supported")
         image_id = config_desc["digest"]
+        t1 = time.monotonic()
         pins = [image_id, *(d["digest"] for d in layer_descs)]
         self.store.pin(pins)
         staging = self.store.new_staging("pull-")
         try:
             config_raw = self._fetch_blobs(session, ep, r, m_digest, config_desc, layer_descs,
                                            staging)
+            t2 = time.monotonic()
             config = _json(config_raw, f"image config {image_id}")
             diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
             if len(diff_ids) != len(layer_descs):
@@ -237,6 +241,10 @@ class ImageService:
                 if r.tag and not r.digest:
                     refs.append((r.tagged, "tag"))
                 self.store.put_image(image_id, m_digest, m_raw, config_raw, layers, size, refs)
+                self.last_phases = {"manifest": t1 - t0, "blobs": t2 - t1,
+                                    "unpack": time.monotonic() - t2}
+                log.info("pull %s phases: %s", r, ", ".join(
+                    f"{k} {v:.3f}s" for k, v in self.last_phases.items()))
             finally:
                 self.store.unpin(diff_ids)
         finally:
