@@ -10,7 +10,8 @@ import time
 import grpc
 
 import vmcri
-from vmcri.container import container_status
+from vmcri import stats
+from vmcri.container import container_stats, container_status
 from vmcri.sandbox import sandbox_status
 from vmcri.cri.grpc_errors import stream, wrap_all
 
@@ -100,6 +101,32 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
     def ReopenContainerLog(self, request, context):
         self.rt.containers.reopen_log(request.container_id)
         return pb.ReopenContainerLogResponse()
+
+    # -- stats and metrics ---------------------------------------------------------
+    def ContainerStats(self, request, context):
+        return pb.ContainerStatsResponse(
+            stats=container_stats.container_stats(self.rt.containers, request.container_id))
+
+    def ListContainerStats(self, request, context):
+        flt = request.filter if request.HasField("filter") else None
+        return pb.ListContainerStatsResponse(
+            stats=container_stats.list_container_stats(self.rt.containers, flt))
+
+    def PodSandboxStats(self, request, context):
+        return pb.PodSandboxStatsResponse(
+            stats=container_stats.pod_sandbox_stats(self.rt.containers, request.pod_sandbox_id))
+
+    def ListPodSandboxStats(self, request, context):
+        flt = request.filter if request.HasField("filter") else None
+        return pb.ListPodSandboxStatsResponse(
+            stats=container_stats.list_pod_sandbox_stats(self.rt.containers, flt))
+
+    def ListMetricDescriptors(self, request, context):
+        return pb.ListMetricDescriptorsResponse(descriptors=stats.metric_descriptors())
+
+    def ListPodSandboxMetrics(self, request, context):
+        return pb.ListPodSandboxMetricsResponse(pod_metrics=[
+            stats.pod_metrics(s) for s in container_stats.list_pod_sandbox_stats(self.rt.containers, None)])
 
     @stream
     def GetContainerEvents(self, request, context):

@@ -1,0 +1,73 @@
+"""ContainerStats / PodSandboxStats RPC bodies: ask the guest agent, shape with vmcri.stats."""
+from __future__ import annotations
+
+import logging
+
+from vmcri import stats as st
+
+log = logging.getLogger(__name__)
+_rates = st.CpuRate()
+
+
+def _agent_sample(svc, sandbox, method: str, **params) -> dict | None:
+    from vmcri.channel import AgentError
+    if sandbox is None or sandbox.state != "READY":
+        return None
+    try:
+        reply = svc.sandboxes.agent(sandbox).call(method, timeout=10, **params)
+    except AgentError as e:
+        log.info("%s from %s: %s", method, sandbox.id[:12], e)
+        return None
+    return reply if isinstance(reply, dict) else None
+
+
+def one_container(svc, rec):
+    sb = svc.sandboxes.find(rec.sandbox_id)
+    sample = _agent_sample(svc, sb, "container_stats", id=rec.id) if rec.state == "RUNNING" else None
+    return st.container_stats(svc, rec, _rates, sample)
+
+
+def container_stats(svc, container_id: str):
+    return one_container(svc, svc.get(container_id))
+
+
+def list_container_stats(svc, flt) -> list:
+    out = []
+    for rec in svc.table.all():
+        if rec.state not in ("RUNNING", "CREATED", "EXITED"):
+            continue
+        if flt is not None:
+            if flt.id and not rec.id.startswith(flt.id):
+                continue
+            if flt.pod_sandbox_id and not rec.sandbox_id.startswith(flt.pod_sandbox_id):
+                continue
+            if any(rec.labels.get(k) != v for k, v in flt.label_selector.items()):
+                continue
+        out.append(one_container(svc, rec))
+    return out
+
+
+def one_sandbox(svc, sb):
+    sb = svc.sandboxes.refresh(sb)
+    sample = _agent_sample(svc, sb, "sandbox_stats")
+    containers = [one_container(svc, r) for r in svc.table.for_sandbox(sb.id)
+                  if r.state == "RUNNING"]
+    return st.sandbox_stats(sb, _rates, sample or {}, containers)
+
+
+def pod_sandbox_stats(svc, sandbox_id: str):
+    return one_sandbox(svc, svc.sandboxes.get(sandbox_id))
+
+
+def list_pod_sandbox_stats(svc, flt) -> list:
+    out = []
+    for sb in svc.sandboxes.table.all():
+        if sb.state != "READY":
+            continue
+        if flt is not None:
+            if flt.id and not sb.id.startswith(flt.id):
+                continue
+            if any(sb.labels.get(k) != v for k, v in flt.label_selector.items()):
+                continue
+        out.append(one_sandbox(svc, sb))
+    return out
