@@ -61,6 +61,8 @@ def find_port(name: str, timeout: float = 10.0) -> str:
 
 def main():
     pid1.phase("python-start")
+    if len(sys.argv) == 3 and sys.argv[1] == "--listen-unix":
+        return dev_main(sys.argv[2])
     is_init = os.getpid() == 1
     if is_init:
         pid1.setup_mounts()
@@ -77,6 +79,19 @@ def main():
     pid1.phase("agent-ready")
     print(protocol.READY_MARKER, flush=True)
     port.serve_forever()
+
+
+def dev_main(path: str) -> None:
+    """Run the agent's call handling on the host (tests): no mounts, no port."""
+    from . import handlers_system, procs, server
+    agent = Agent()
+    agent.late_modules_done.set()
+    agent.procs = procs.ProcessTable(agent.reaper)
+    agent.handlers = {k: v for k, v in handlers_system.HANDLERS.items()
+                      if k not in ("set_hostname", "configure_nic", "write_etc")}
+    agent.handlers["shutdown"] = lambda agent, params: (threading.Timer(0.2, os._exit, (0,)).start(),
+                                                        {"powering_off": True})[1]
+    server.serve_unix(agent, path)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ ends and the next bytes (a new banner) start a fresh SSH handshake.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -121,7 +120,10 @@ class SessionServer(paramiko.ServerInterface):
                 return
             if error is None:
                 try:
-                    result = self.agent.handlers[method](self.agent, params)
+                    handler = self.agent.handlers.get(method)
+                    if handler is None:
+                        raise AgentCallError("Unimplemented", f"method: {method} is not available here")
+                    result = handler(self.agent, params)
                     reply = protocol.encode_reply(result)
                 except AgentCallError as e:
                     reply = protocol.encode_reply(error=(e.kind, str(e)))
@@ -258,5 +260,30 @@ class PortServer:
             sock.close()
 
 
-def describe_error(e: Exception) -> str:
-    return json.dumps({"error": str(e)})
+def serve_unix(agent, path: str) -> None:
+    """Development/test mode: serve SSH on a unix socket instead of the virtio port."""
+    host_key = ed25519_host_key()
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(8)
+    print(protocol.READY_MARKER, flush=True)
+    while True:
+        conn, _ = lsock.accept()
+        threading.Thread(target=_serve_conn, args=(agent, conn, host_key), daemon=True).start()
+
+
+def _serve_conn(agent, conn, host_key) -> None:
+    t = AgentTransport(conn)
+    t.add_server_key(host_key)
+    try:
+        t.start_server(server=SessionServer(agent))
+        live = []
+        while t.is_active():
+            chan = t.accept(1.0)
+            live = [c for c in live if not c.closed]
+            if chan is not None:
+                live.append(chan)
+    except Exception as e:
+        print(f"vmcri-agent: ssh session ended: {e}", flush=True)
+    finally:
+        t.close()
