@@ -235,3 +235,15 @@ def test_fs_info_counts_what_a_pull_adds(svc, test_images):
     assert after["used_bytes"] > before["used_bytes"] + 1_000_000  # busybox + libc, twice
     assert after["inodes_used"] > before["inodes_used"] + len("bin lib lib64 etc".split())
     assert after["timestamp_ns"] > before["timestamp_ns"]
+
+
+def test_pulling_a_present_image_again_fetches_no_blobs(cfg, test_images, tmp_path):
+    wrapper, calls = skopeo_counter(tmp_path)
+    store = Store(cfg.db_path)
+    svc = ImageService(cfg, store, skopeo=wrapper)
+    svc.pull(test_images.multi.ref)
+    svc.pull(test_images.multi.digest_ref)
+    store.close()
+    with open(calls) as f:
+        assert f.read().split() == ["inspect", "copy", "inspect"]
+    assert svc.resolve(test_images.multi.ref).repo_digests == [test_images.multi.digest_ref]

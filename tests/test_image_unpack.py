@@ -79,6 +79,19 @@ def test_hostile_archives_are_refused(tmp_path, members, why):
     assert not os.path.exists("/tmp/pwned")
 
 
+def test_hard_link_into_a_lower_layer_gets_a_copy(tmp_path):
+    lower = tmp_path / "lower"
+    (lower / "bin").mkdir(parents=True)
+    (lower / "bin/tool").write_bytes(b"tool")
+    blob, diff_id = write_blob(tmp_path, raw_tar([member("bin", tarfile.DIRTYPE, mode=0o755),
+                                                  member("bin/alias", tarfile.LNKTYPE, "bin/tool")]))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    unpack_layer(blob, str(dest), diff_id, [str(lower)])
+    assert (dest / "bin/alias").read_bytes() == b"tool"
+    assert not (dest / "bin/tool").exists()
+
+
 def test_absolute_member_names_stay_inside(tmp_path):
     tar = raw_tar([member("/etc/inside", size=3)])
     blob, diff_id = write_blob(tmp_path, tar)

@@ -230,9 +230,10 @@ class ImageService:
             self.store.pin(diff_ids)
             try:
                 layers = []
-                for desc, diff_id in zip(layer_descs, diff_ids):
+                for i, (desc, diff_id) in enumerate(zip(layer_descs, diff_ids)):
                     reference.validate_digest(diff_id, f"image {r}: diff_id")
-                    self._ensure_layer(desc["digest"], diff_id)
+                    lowers = [self.store.layer_path(d) for d in reversed(diff_ids[:i])]
+                    self._ensure_layer(desc["digest"], diff_id, lowers)
                     layers.append({"digest": desc["digest"], "diff_id": diff_id,
                                    "size": desc.get("size", 0),
                                    "media_type": desc.get("mediaType", "")})
@@ -294,7 +295,7 @@ class ImageService:
         self.store.add_blob_bytes(config_digest, raw)
         return raw
 
-    def _ensure_layer(self, blob_digest: str, diff_id: str) -> None:
+    def _ensure_layer(self, blob_digest: str, diff_id: str, lowers: list[str]) -> None:
         with self._inflight_lock:
             lock = self._layer_locks.setdefault(diff_id, threading.Lock())
         with lock:
@@ -304,7 +305,7 @@ class ImageService:
             try:
                 dest = os.path.join(work, "fs")
                 os.mkdir(dest, 0o755)
-                tar_size = unpack_layer(self.store.blob_path(blob_digest), dest, diff_id)
+                tar_size = unpack_layer(self.store.blob_path(blob_digest), dest, diff_id, lowers)
                 self.store.commit_layer(diff_id, blob_digest, dest, tar_size)
             finally:
                 shutil.rmtree(work, ignore_errors=True)

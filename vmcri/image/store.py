@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS image_layers (
 """
 
 
+TMP_PREFIX = ".tmp-"
+
+
 class DigestMismatch(VmcriError):
     pass
 
@@ -93,7 +96,7 @@ class ImageStore:
         """Drop leftovers of pulls that died: staging dirs and unreferenced files."""
         for name in os.listdir(self.staging_dir):
             shutil.rmtree(os.path.join(self.staging_dir, name), ignore_errors=True)
-        self.gc()
+        self.gc(drop_partial=True)
 
     def new_staging(self, prefix: str) -> str:
         return tempfile.mkdtemp(prefix=prefix, dir=self.staging_dir)
@@ -132,8 +135,11 @@ class ImageStore:
         got = sha256_file(src)
         if got != digest:
             raise DigestMismatch(f"blob {digest}: content hashes to {got}; nothing stored")
-        tmp = dst + ".tmp-" + str(os.getpid()) + "-" + str(threading.get_ident())
-        shutil.copyfile(src, tmp) if os.stat(src).st_nlink > 1 else os.rename(src, tmp)
+        tmp = os.path.join(self.blobs_dir, f"{TMP_PREFIX}{os.getpid()}-{threading.get_ident()}")
+        if os.stat(src).st_nlink > 1:
+            shutil.copyfile(src, tmp)  # never move a file someone else also links to
+        else:
+            os.rename(src, tmp)
         os.chmod(tmp, 0o600)
         os.rename(tmp, dst)
         return dst
@@ -144,7 +150,7 @@ class ImageStore:
             raise DigestMismatch(f"blob {digest}: content hashes to {got}; nothing stored")
         dst = self.blob_path(digest)
         if not os.path.isfile(dst):
-            fd, tmp = tempfile.mkstemp(dir=self.blobs_dir, prefix=".tmp-")
+            fd, tmp = tempfile.mkstemp(dir=self.blobs_dir, prefix=TMP_PREFIX)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.rename(tmp, dst)
@@ -212,8 +218,9 @@ class ImageStore:
         return changed > 0
 
     # -- garbage collection -------------------------------------------------------
-    def gc(self) -> None:
-        """Remove blobs and layers no image row references (and no pull in flight pins)."""
+    def gc(self, drop_partial: bool = False) -> None:
+        """Remove blobs and layers no image row references (and no pull in flight pins).
+        `drop_partial` also removes half-written blob files (only safe with no pulls running)."""
         with self._lock:
             keep_blobs, keep_layers = set(), set()
             for r in self.db.query("SELECT id, layers FROM image_images"):
@@ -224,7 +231,9 @@ class ImageStore:
             pinned = set(self._pinned)
             for name in os.listdir(self.blobs_dir):
                 digest = "sha256:" + name
-                if digest not in keep_blobs and digest not in pinned and not name.startswith(".tmp"):
+                partial = name.startswith(TMP_PREFIX)
+                if (drop_partial and partial) or (not partial and digest not in keep_blobs
+                                                  and digest not in pinned):
                     os.unlink(os.path.join(self.blobs_dir, name))
             stale = [r["diff_id"] for r in self.db.query("SELECT diff_id FROM image_layers")
                      if r["diff_id"] not in keep_layers and r["diff_id"] not in pinned]

@@ -11,6 +11,7 @@ import binascii
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -164,17 +165,36 @@ class Session:
                   f"layers of {ref.path}@{manifest_digest}", ep, ref, 1 << 20)
 
 
+_SKOPEO_MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
+_NOISE_PREFIX = re.compile(r'^Error parsing image name "[^"]*": |^initializing source [^:]*:[^:]*: ')
+_AUTH_HINTS = ("unauthorized", "authentication required", "invalid username/password",
+               "requested access to the resource is denied", "incorrect username or password")
+
+
+def skopeo_detail(stderr: str) -> str:
+    """The useful part of skopeo's fatal log line, bounded."""
+    lines = stderr.strip().splitlines()
+    if not lines:
+        return "no output"
+    last = lines[-1]
+    m = _SKOPEO_MSG.search(last)
+    if m:
+        last = m.group(1).replace('\\"', '"')
+    return _NOISE_PREFIX.sub("", last)[-_STDERR_TAIL:]
+
+
 def classify(stderr: str, what: str, ep: Endpoint, ref: Reference) -> VmcriError:
     low = stderr.lower()
-    tail = stderr.strip().splitlines()[-1][-_STDERR_TAIL:] if stderr.strip() else "no output"
+    detail = skopeo_detail(stderr)
     where = f"registry {ep}"
     if "name unknown" in low or "repository name not known" in low or "name_unknown" in low:
-        return NotFound(f"repository {ref.path!r} not found in {where}: {tail}")
-    if "manifest unknown" in low or "manifest_unknown" in low or "not found" in low and "manifest" in low:
-        return NotFound(f"{what}: not found in {where} (repository {ref.path!r}): {tail}")
-    if ("unauthorized" in low or "authentication required" in low or "invalid username/password" in low
-            or "denied" in low or "401" in low):
-        return Unauthenticated(f"{what}: {where} rejected the credentials or requires them: {tail}")
-    if "did not match" in low or "digest" in low and "mismatch" in low:
-        return Unavailable(f"{what}: content from {where} failed digest verification: {tail}")
-    return Unavailable(f"{what}: {where} unreachable or failed: {tail}")
+        return NotFound(f"{what}: repository {ref.path!r} not found in {where}: {detail}")
+    if "manifest unknown" in low or "manifest_unknown" in low:
+        return NotFound(f"{what}: repository {ref.path!r} or this tag/digest not found in "
+                        f"{where}: {detail}")
+    if any(h in low for h in _AUTH_HINTS):
+        return Unauthenticated(f"{what}: {where} rejected the credentials or requires them: "
+                               f"{detail}")
+    if "did not match" in low or ("digest" in low and "mismatch" in low):
+        return Unavailable(f"{what}: content from {where} failed digest verification: {detail}")
+    return Unavailable(f"{what}: {where} unreachable or failed: {detail}")

@@ -96,6 +96,25 @@ def _ensure_parents(root: str, rel: str) -> str:
     return os.path.join(root, rel)
 
 
+def _lookup(root: str, rel: str) -> str | None:
+    """`rel` inside an unpacked lower layer, following no symlinks; None when absent
+    or hidden there (whiteout, non-dir parent)."""
+    cur = root
+    parts = rel.split("/")
+    for i, comp in enumerate(parts):
+        cur = os.path.join(cur, comp)
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            return None
+        last = i == len(parts) - 1
+        if not last and not stat.S_ISDIR(st.st_mode):
+            return None
+        if last and not stat.S_ISREG(st.st_mode):
+            return None
+    return cur
+
+
 def _remove_existing(path: str, keep_dir: bool) -> None:
     try:
         st = os.lstat(path)
@@ -126,8 +145,9 @@ def _apply_meta(path: str, m: tarfile.TarInfo, is_link: bool) -> None:
     os.utime(path, ns=(int(m.mtime * 1e9),) * 2, follow_symlinks=False)
 
 
-def unpack_layer(blob_path: str, dest: str, diff_id: str) -> int:
-    """Unpack `blob_path` (tar, tar+gzip) into the empty dir `dest`.
+def unpack_layer(blob_path: str, dest: str, diff_id: str, lowers: list[str] = ()) -> int:
+    """Unpack `blob_path` (tar, tar+gzip) into the empty dir `dest`; `lowers` are the
+    unpacked layers below it, top first (only hard links into them need those).
     Returns the tar's uncompressed size; raises LayerError on a bad layer or diff_id."""
     dir_times: list[tuple[str, int]] = []
     with open(blob_path, "rb") as f:
@@ -137,7 +157,7 @@ def unpack_layer(blob_path: str, dest: str, diff_id: str) -> int:
         try:
             with tarfile.open(fileobj=buffered, mode="r|", errorlevel=2) as tar:
                 for m in tar:
-                    _extract_member(tar, m, dest, dir_times)
+                    _extract_member(tar, m, dest, dir_times, lowers)
             reader.drain()
         except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError, zlib.error) as e:
             if isinstance(e, LayerError):
@@ -152,7 +172,7 @@ def unpack_layer(blob_path: str, dest: str, diff_id: str) -> int:
 
 
 def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, dest: str,
-                    dir_times: list) -> None:
+                    dir_times: list, lowers: list[str]) -> None:
     rel = _safe_relpath(m.name)
     if rel is None:
         raise LayerError(f"layer entry {m.name!r} escapes the layer root")
@@ -197,9 +217,16 @@ def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, dest: str,
             raise LayerError(f"layer entry {m.name!r}: hard link target {m.linkname!r} escapes")
         target_path = os.path.join(dest, target)
         _ensure_parents(dest, target)
-        if not os.path.lexists(target_path):
+        if os.path.lexists(target_path):
+            os.link(target_path, path, follow_symlinks=False)
+            return
+        # A link to a file of a lower layer: this layer gets its own copy of it.
+        lower = next((p for p in (_lookup(d, target) for d in lowers) if p), None)
+        if lower is None:
             raise LayerError(f"layer entry {m.name!r}: hard link target {m.linkname!r} is missing")
-        os.link(target_path, path, follow_symlinks=False)
+        shutil.copy2(lower, path, follow_symlinks=False)
+        st = os.lstat(lower)
+        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
     elif m.ischr() or m.isblk() or m.isfifo():
         kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
         dev = os.makedev(m.devmajor, m.devminor) if kind != stat.S_IFIFO else 0
