@@ -243,7 +243,7 @@ def test_pulling_a_present_image_again_fetches_no_blobs(cfg, test_images, tmp_pa
     svc = ImageService(cfg, store, skopeo=wrapper)
     svc.pull(test_images.multi.ref)
     svc.pull(test_images.multi.digest_ref)
-    store.close()
     with open(calls) as f:
         assert f.read().split() == ["inspect", "copy", "inspect"]
     assert svc.resolve(test_images.multi.ref).repo_digests == [test_images.multi.digest_ref]
+    store.close()
