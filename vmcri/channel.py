@@ -44,6 +44,13 @@ class AgentProtocolError(AgentError):
         super().__init__(message, "ProtocolError")
 
 
+class AgentUnavailable(AgentError):
+    """The VM's agent socket cannot be connected (VM gone or not started)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "Unavailable")
+
+
 class _BoundedSocket:
     """Socket proxy that caps what the guest may send before authentication finishes."""
 
@@ -154,6 +161,9 @@ class AgentClient:
             sock.connect(self.socket_path)
             bounded = _BoundedSocket(sock)
             t = paramiko.Transport(bounded)
+        except OSError as e:
+            sock.close()
+            raise AgentUnavailable(f"cannot connect to agent socket {self.socket_path}: {e}") from e
         except BaseException:
             sock.close()
             raise
@@ -186,8 +196,10 @@ class AgentClient:
                 return t
             self._transport = None
             last = None
-            # a stale guest session can eat our first banner after a quick reconnect: retry
-            while time.monotonic() < deadline:
+            # A stale guest session can eat our first banner after a quick reconnect, so a
+            # failed handshake is retried, but only a few times: a garbage-sending guest
+            # must fail fast, not spin until the deadline.
+            for _ in range(3):
                 try:
                     self._transport = self._connect(deadline)
                     return self._transport
@@ -195,8 +207,10 @@ class AgentClient:
                     if "host key changed" in str(e):
                         raise
                     last = e
+                    if time.monotonic() >= deadline:
+                        raise AgentTimeout(f"agent connect timed out ({e})") from e
                     time.sleep(0.05)
-            raise AgentTimeout(f"agent connect timed out ({last})" if last else "agent connect timed out")
+            raise last
 
     def _drop(self, why: str) -> None:
         with self._lock:
@@ -223,7 +237,7 @@ class AgentClient:
         while time.monotonic() < deadline:
             try:
                 return self.call("ping", timeout=max(0.1, deadline - time.monotonic()))
-            except (OSError, AgentTimeout, AgentProtocolError) as e:
+            except (OSError, AgentTimeout, AgentProtocolError, AgentUnavailable) as e:
                 last = e
                 self._drop(f"not ready: {e}") if self._transport else None
                 time.sleep(0.1)

@@ -1,0 +1,251 @@
+"""Host agent client against hostile fake guests (unix socket servers written here) and
+against the real agent code run on the host in its development mode (no VM)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import paramiko
+import pytest
+
+from vmcri.agent import protocol
+from vmcri.channel import (AgentClient, AgentError, AgentProtocolError, AgentTimeout,
+                           AgentUnavailable)
+
+
+class RawServer:
+    """Accepts connections on a unix socket and hands each to `behaviour(conn)`."""
+
+    def __init__(self, path, behaviour):
+        self.path = path
+        self.behaviour = behaviour
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(8)
+        self.conns = []
+        self.stop = threading.Event()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn):
+        try:
+            self.behaviour(conn, self.stop)
+        except OSError:
+            pass
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.fixture
+def sock_path(tmp_path):
+    return str(tmp_path / "agent.sock")
+
+
+@pytest.fixture
+def raw_server(sock_path):
+    servers = []
+
+    def make(behaviour):
+        s = RawServer(sock_path, behaviour)
+        servers.append(s)
+        return s
+    yield make
+    for s in servers:
+        s.close()
+
+
+def test_garbage_banner_is_refused(raw_server, sock_path):
+    def garbage(conn, stop):
+        conn.sendall(b"\x00\xffNOT-SSH garbage\r\n" * 200)
+        stop.wait(10)
+    raw_server(garbage)
+    c = AgentClient(sock_path, call_timeout=10)
+    with pytest.raises(AgentProtocolError) as e:
+        c.call("ping")
+    assert "handshake failed" in str(e.value)
+    assert not c.connected
+
+
+def test_endless_banner_flood_is_cut_off(raw_server, sock_path):
+    sent = []
+
+    def flood(conn, stop):
+        chunk = b"A" * 65536
+        n = 0
+        while not stop.is_set() and n < (64 << 20):
+            conn.sendall(chunk)
+            n += len(chunk)
+            sent.append(n)
+    raw_server(flood)
+    c = AgentClient(sock_path, call_timeout=20)
+    with pytest.raises(AgentProtocolError) as e:
+        c.call("ping")
+    assert "before authentication" in str(e.value)
+
+
+def test_silent_guest_times_out(raw_server, sock_path):
+    raw_server(lambda conn, stop: stop.wait(30))
+    c = AgentClient(sock_path, call_timeout=1.5)
+    with pytest.raises(AgentTimeout):
+        c.call("ping")
+
+
+def test_missing_socket_is_unavailable(sock_path):
+    with pytest.raises(AgentUnavailable):
+        AgentClient(sock_path, call_timeout=1).call("ping")
+
+
+# -- fake guests that speak SSH but break the protocol --------------------------------
+
+class FakeGuest(paramiko.ServerInterface):
+    def __init__(self, reply):
+        self.reply = reply
+
+    def get_allowed_auths(self, username):
+        return "none"
+
+    def check_auth_none(self, username):
+        return paramiko.AUTH_SUCCESSFUL
+
+    def check_channel_request(self, kind, chanid):
+        return paramiko.OPEN_SUCCEEDED
+
+    def check_channel_exec_request(self, chan, command):
+        def answer():
+            time.sleep(0.05)
+            self.reply(chan)
+        threading.Thread(target=answer, daemon=True).start()
+        return True
+
+
+def ssh_guest(reply, fresh_key_per_connection=False):
+    key = paramiko.ECDSAKey.generate()
+
+    def behaviour(conn, stop):
+        t = paramiko.Transport(conn)
+        t.add_server_key(paramiko.ECDSAKey.generate() if fresh_key_per_connection else key)
+        t.start_server(server=FakeGuest(reply))
+        live = []
+        while t.is_active() and not stop.is_set():
+            ch = t.accept(0.5)
+            if ch is not None:
+                live.append(ch)
+        t.close()
+    return behaviour
+
+
+def test_oversized_reply_closes_the_connection(raw_server, sock_path):
+    def huge(chan):
+        try:
+            chan.sendall(b"{" + b"x" * (protocol.MAX_REPLY_BYTES + 100_000))
+        except Exception:
+            pass
+    raw_server(ssh_guest(huge))
+    c = AgentClient(sock_path, call_timeout=30)
+    with pytest.raises(AgentProtocolError) as e:
+        c.call("ping")
+    assert "larger than" in str(e.value)
+    assert not c.connected
+
+
+def test_malformed_reply_is_a_protocol_error(raw_server, sock_path):
+    raw_server(ssh_guest(lambda chan: chan.sendall(b'{"ok": "yes"}\n')))
+    with pytest.raises(AgentProtocolError) as e:
+        AgentClient(sock_path, call_timeout=10).call("info")
+    assert "ok" in str(e.value)
+
+
+def test_guest_that_never_replies_times_out(raw_server, sock_path):
+    raw_server(ssh_guest(lambda chan: None))
+    c = AgentClient(sock_path, call_timeout=10)
+    with pytest.raises(AgentTimeout):
+        c.call("ping", timeout=1.0)
+
+
+def test_changed_host_key_on_reconnect_is_an_error(raw_server, sock_path):
+    ok = lambda chan: (chan.sendall(b'{"ok":true,"result":{"pong":true}}\n'), chan.close())  # noqa: E731
+    raw_server(ssh_guest(ok, fresh_key_per_connection=True))  # a new key per connection: like a guest rebooted behind our back
+    c = AgentClient(sock_path, call_timeout=10)
+    assert c.call("ping") == {"pong": True}
+    c.close()
+    with pytest.raises(AgentProtocolError) as e:
+        c.call("ping")
+    assert "host key changed" in str(e.value)
+
+
+def test_client_side_validation_names_the_field(sock_path):
+    c = AgentClient(sock_path)
+    with pytest.raises(protocol.ProtocolError) as e:
+        c.call("set_hostname", hostname="bad host!")
+    assert str(e.value).startswith("hostname:")
+
+
+# -- the real agent code, on the host --------------------------------------------------
+
+@pytest.fixture
+def dev_agent(tmp_path):
+    path = str(tmp_path / "dev-agent.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vmcri.agent", "--listen-unix", path],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield path
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_dev_agent_run_attach_and_timeouts(dev_agent):
+    c = AgentClient(dev_agent, call_timeout=20)
+    assert c.wait_ready(20)["pong"] is True
+    assert c.run(["sh", "-c", "echo out; echo err >&2; exit 4"]) == (4, b"out\n", b"err\n")
+    with pytest.raises(AgentTimeout):
+        c.run(["sleep", "30"], timeout=1.0)
+    p = c.open_process(["sh", "-c", "echo a; sleep 0.5; echo b; echo c"], id="d1")
+    assert p.recv(timeout=10) == b"a\n"
+    c.close()
+    time.sleep(1.0)
+    a = AgentClient(dev_agent).attach("d1")
+    out = b""
+    while (d := a.recv(timeout=10)):
+        out += d
+    assert out == b"b\nc\n" and a.exit_status(10) == 0
+    first = c.open_process(["sleep", "5"], id="d1x")
+    with pytest.raises(AgentError) as e:
+        c.open_process(["true"], id="d1x")
+    assert e.value.kind == "AlreadyExists"
+    first.signal("KILL")
+    assert first.exit_status(10) == 128 + 9
+    with pytest.raises(AgentError) as e:
+        c.open_process(["/nonexistent/binary"])
+    assert e.value.kind == "Failed"
+
+
+def test_one_hostile_guest_does_not_affect_another(raw_server, sock_path, dev_agent):
+    def garbage(conn, stop):
+        conn.sendall(b"junk\n" * 1000)
+    raw_server(garbage)
+    bad, good = AgentClient(sock_path, call_timeout=5), AgentClient(dev_agent, call_timeout=20)
+    good.wait_ready(20)
+    with pytest.raises(AgentError):
+        bad.call("ping")
+    assert good.call("ping")["pong"] is True
+    assert good.run(["echo", "still fine"])[1] == b"still fine\n"
