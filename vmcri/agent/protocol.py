@@ -234,10 +234,14 @@ def encode_request(method: str, params: dict) -> str:
 
 
 def decode_request(command: bytes | str) -> tuple[str, dict]:
-    if isinstance(command, bytes):
-        if len(command) > MAX_REQUEST_BYTES:
-            raise ProtocolError(f"request: larger than {MAX_REQUEST_BYTES} bytes")
+    if isinstance(command, str):
+        command = command.encode("utf-8", "surrogatepass")
+    if len(command) > MAX_REQUEST_BYTES:
+        raise ProtocolError(f"request: larger than {MAX_REQUEST_BYTES} bytes")
+    try:
         command = command.decode("utf-8", "strict")
+    except UnicodeDecodeError:
+        raise ProtocolError("request: not valid UTF-8") from None
     method, _, body = command.partition(" ")
     if method not in METHODS:
         raise ProtocolError(f"method: unknown method {method[:64]!r}")
