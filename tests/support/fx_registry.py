@@ -269,7 +269,8 @@ def busybox_rootfs(dest: str) -> str:
         debs = [f for f in os.listdir(CACHE_DIR) if f.startswith("busybox_") and f.endswith(".deb")]
     extract = dest + ".deb"
     subprocess.run(["dpkg", "-x", os.path.join(CACHE_DIR, debs[0]), extract], check=True)
-    for d in ("bin", "lib/x86_64-linux-gnu", "lib64", "etc", "tmp", "work", "home/vmcri", "root"):
+    for d in ("bin", "lib/x86_64-linux-gnu", "lib64", "etc", "tmp", "work", "home/vmcri", "root",
+              "proc", "sys", "dev", "run", "var/tmp"):
         os.makedirs(os.path.join(dest, d), exist_ok=True)
     os.chmod(os.path.join(dest, "tmp"), 0o1777)
     shutil.copy2(os.path.join(extract, "bin/busybox"), os.path.join(dest, "bin/busybox"))
@@ -285,8 +286,12 @@ def busybox_rootfs(dest: str) -> str:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copyfile(os.path.realpath(path), target)
         os.chmod(target, 0o755)
-    for applet in BUSYBOX_APPLETS:
-        os.symlink("busybox", os.path.join(dest, "bin", applet))
+    listed = subprocess.run([os.path.join(dest, "bin/busybox"), "--list"], capture_output=True,
+                            text=True, env={"LD_LIBRARY_PATH": os.path.join(dest, "lib/x86_64-linux-gnu")})
+    applets = set(listed.stdout.split()) if listed.returncode == 0 else set()
+    for applet in sorted(applets | set(BUSYBOX_APPLETS)):
+        if "/" not in applet and applet != "busybox":
+            os.symlink("busybox", os.path.join(dest, "bin", applet))
     with open(os.path.join(dest, "etc/passwd"), "w") as f:
         f.write(PASSWD)
     with open(os.path.join(dest, "etc/group"), "w") as f:
