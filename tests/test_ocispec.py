@@ -671,3 +671,111 @@ def test_crun_readonly_rootfs_and_sandbox_files(tmp_path, busybox_rootfs):
     assert "can't create /etc/hosts: Read-only file system" in out
     assert "shm-writable" in out
     assert (tmp_path / "pod" / "shm" / "f").read_text() == "shm\n"  # the pod's shared shm
+
+
+# ---------------------------------------------------------------- crun in a real pod VM
+# The same specs, run by the guest's crun on the guest's cgroup v2 (which the host
+# checks above cannot show): resources.unified, hugetlb and swap limits, the guest's /dev.
+
+
+@pytest.fixture(scope="module")
+def guest_pod():
+    from tests.support.fx_daemon import make_daemon
+    from vmcri import config as config_mod
+    from vmcri.daemon import Runtime
+    d = make_daemon('cni_conf_dir = ""', prefix="vmcri-ocispec-")
+    rt = Runtime(config_mod.load(d.config_path))
+    sb = sandbox(privileged=True)
+    sb.log_directory = ""
+    sid = rt.sandboxes.run(sb)
+    try:
+        yield rt, sid, sb
+    finally:
+        rt.sandboxes.stop(sid)
+        rt.sandboxes.remove(sid)
+        rt.close()
+        shutil.rmtree(d.base, ignore_errors=True)
+
+
+def run_in_guest_crun(guest_pod, rootfs, name, config, script):
+    from vmcri.agent import protocol
+    rt, sid, sb = guest_pod
+    host_bundle = pathlib.Path(rt.sandboxes.paths(sid).share_dir) / "ocispec-test" / name
+    guest_bundle = f"{protocol.SHARE_MOUNT}/ocispec-test/{name}"
+    shutil.copytree(rootfs, host_bundle / "rootfs", symlinks=True)
+    for f in ("hosts", "resolv.conf", "hostname"):
+        (host_bundle / f).write_text(f"{f} of the pod\n")
+    (host_bundle / "shm").mkdir()
+    guest = GuestPaths(hosts=f"{guest_bundle}/hosts", resolv_conf=f"{guest_bundle}/resolv.conf",
+                       hostname=f"{guest_bundle}/hostname", shm=f"{guest_bundle}/shm",
+                       host_mount_to_guest=lambda p: p)
+    config.command[:] = ["/bin/sh", "-c", script]
+    spec = build_spec(name, config, sb, {}, rootfs_path=f"{guest_bundle}/rootfs",
+                      guest_paths=guest, sandbox_id=sid[:16],
+                      read_image_file=lambda p: (rootfs / p.lstrip("/")).read_bytes()
+                      if (rootfs / p.lstrip("/")).is_file() else None)
+    (host_bundle / "config.json").write_text(json.dumps(spec))
+    agent = rt.sandboxes.agent(rt.sandboxes.get(sid))
+    proc = agent.open_process(["/bin/sh", "-c", f"crun run -b {guest_bundle} {name} 2>&1"],
+                              timeout=120)
+    out = b""
+    while len(out) < 1 << 20:
+        chunk = proc.recv(65536, timeout=120)
+        if not chunk:
+            break
+        out += chunk
+    return proc.exit_status(120), out.decode()
+
+
+@pytest.mark.vm
+def test_guest_crun_applies_cgroup_v2_resources_and_seccomp(guest_pod, busybox_rootfs):
+    c = container()
+    c.linux.security_context.run_as_username = "app"
+    c.linux.security_context.seccomp.profile_type = cri.SecurityProfile.RuntimeDefault
+    r = c.linux.resources
+    r.memory_limit_in_bytes, r.memory_swap_limit_in_bytes = 64 << 20, 128 << 20
+    r.cpu_shares, r.cpu_quota, r.cpu_period, r.cpuset_cpus = 512, 50000, 100000, "0"
+    r.oom_score_adj = 500
+    r.hugepage_limits.append(cri.HugepageLimit(page_size="2MB", limit=0))
+    r.unified.update({"memory.high": "60000000", "pids.max": "50"})
+    files = ("memory.max memory.high pids.max cpu.max cpu.weight memory.swap.max "
+             "hugetlb.2MB.max cpuset.cpus")
+    rc, out = run_in_guest_crun(guest_pod, busybox_rootfs, "plain", c,
+                                f"id; for f in {files}; do echo $f=$(cat /sys/fs/cgroup/$f); "
+                                "done; echo oom=$(cat /proc/self/oom_score_adj); "
+                                "grep Seccomp: /proc/self/status; cat /etc/hosts; "
+                                "unshare -U /bin/echo in-userns 2>&1; echo done")
+    assert rc == 0 and out.endswith("done\n"), out
+    assert "uid=1000(app) gid=1000(app)" in out
+    for expected in ("memory.max=67108864", "pids.max=50", "cpu.max=50000 100000",
+                     "memory.swap.max=67108864",  # CRI's memory+swap less the memory limit
+                     "hugetlb.2MB.max=0", "cpuset.cpus=0", "oom=500", "hosts of the pod"):
+        assert expected in out, out
+    assert "memory.high=59998208" in out  # 60000000 rounded down to whole pages
+    assert "Seccomp:\t2" in out and "Operation not permitted" in out
+
+
+@pytest.mark.vm
+def test_guest_crun_privileged_gets_the_guest_devices(guest_pod, busybox_rootfs):
+    c = container()
+    c.linux.security_context.privileged = True
+    rc, out = run_in_guest_crun(guest_pod, busybox_rootfs, "priv", c,
+                                "grep -E '^(CapEff|Seccomp):' /proc/self/status; "
+                                "echo disk=$(head -c 16 /dev/vda | wc -c); "
+                                "mkdir /sys/fs/cgroup/sub && rmdir /sys/fs/cgroup/sub && echo cg-rw")
+    assert rc == 0, out
+    assert int(_status_field(out, "CapEff"), 16) == _cap_mask(ocispec.ALL_CAPABILITIES)
+    assert "Seccomp:\t0" in out
+    assert "disk=16" in out  # a guest block device: the VM's, never the host's
+    assert "cg-rw" in out
+
+
+@pytest.mark.vm
+def test_guest_crun_pod_pid_namespace_is_the_guests(guest_pod, busybox_rootfs):
+    own, shared = container(), container()
+    shared.linux.security_context.namespace_options.pid = cri.POD
+    script = "echo pid=$$"
+    _, out_own = run_in_guest_crun(guest_pod, busybox_rootfs, "pid-own", own, script)
+    _, out_shared = run_in_guest_crun(guest_pod, busybox_rootfs, "pid-pod", shared, script)
+    assert "pid=1\n" in out_own
+    assert "pid=1\n" not in out_shared and "pid=" in out_shared
