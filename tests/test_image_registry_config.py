@@ -113,6 +113,31 @@ def test_endpoint_order_and_tls(tmp_path):
     assert ep.host == "reg.example:5000" and not ep.tls_verify
 
 
+def multi_manifest(test_images) -> dict:
+    import json
+    layout = test_images.layout
+    with open(os.path.join(layout, "index.json")) as f:
+        (desc,) = [m for m in json.load(f)["manifests"]
+                   if m["annotations"]["org.opencontainers.image.ref.name"] == "multi"]
+    with open(os.path.join(layout, "blobs/sha256", desc["digest"].split(":")[1])) as f:
+        return json.load(f)
+
+
+def test_config_lying_about_diff_ids_stores_nothing(tmp_path, test_images):
+    from tests.support.fx_registry import build_layer, set_layout_index, write_oci_image
+    layout = str(tmp_path / "layout")
+    layers = [test_images.base_layer, build_layer([("file", "x", b"x")])]
+    honest = write_oci_image(layout, layers, {})
+    lying = write_oci_image(layout, layers, {}, diff_ids=[honest["diff_ids"][0], "sha256:" + "e" * 64])
+    set_layout_index(layout, "lying", [lying])
+    ref = f"{test_images.registry}/vmcri-test/lying:1.0"
+    push_layout(layout, "lying", ref)
+    svc = make_service(tmp_path)
+    with pytest.raises(VmcriError, match="diff_id mismatch"):
+        svc.pull(ref)
+    assert_nothing_stored(svc)
+
+
 def test_corrupt_blob_in_registry_stores_nothing(tmp_path, registry_factory, test_images):
     reg = registry_factory()
     ref = f"{reg}/vmcri-test/corrupt:1.0"
@@ -137,17 +162,16 @@ def test_corrupt_blob_in_registry_stores_nothing(tmp_path, registry_factory, tes
 
 
 def test_transport_delivering_wrong_bytes_is_caught_by_our_check(tmp_path, test_images):
-    """skopeo verifies too, so the boundary is faked: a wrapper corrupts what the real
-    skopeo wrote into the staging area, as a faulty transport would."""
+    """skopeo verifies too, so the boundary is faked: a wrapper corrupts the top layer
+    blob the real skopeo wrote into the staging area, as a faulty transport would. The
+    layers below it verify and unpack first, and must not stay behind either."""
+    top = multi_manifest(test_images)["layers"][-1]["digest"].split(":")[1]
     wrapper = tmp_path / "corrupting-skopeo"
-    wrapper.write_text("""#!/bin/sh
+    wrapper.write_text(f"""#!/bin/sh
 skopeo "$@" || exit $?
 [ "$1" = copy ] || exit 0
-for a in "$@"; do case "$a" in --dest-shared-blob-dir=*) dir=${a#*=};; esac; done
-for f in "$dir"/sha256/*; do
-  [ "$(stat -c %h "$f")" = 1 ] && printf 'X' | dd of="$f" bs=1 seek=100 conv=notrunc 2>/dev/null
-done
-exit 0
+for a in "$@"; do case "$a" in --dest-shared-blob-dir=*) dir=${{a#*=}};; esac; done
+printf 'X' | dd of="$dir/sha256/{top}" bs=1 seek=100 conv=notrunc 2>/dev/null
 """)
     wrapper.chmod(0o755)
     svc = make_service(tmp_path, skopeo=str(wrapper))

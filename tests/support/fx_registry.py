@@ -183,16 +183,19 @@ def _init_layout(layout: str) -> None:
 
 
 def write_oci_image(layout: str, layers: list[bytes], config: dict,
-                    arch: str = "amd64") -> dict:
+                    arch: str = "amd64", diff_ids: list[str] | None = None) -> dict:
     """Add one image (gzip layers) to the OCI layout; returns its manifest descriptor
-    plus "config_digest" and "diff_ids"."""
+    plus "config_digest", "diff_ids" and "layer_digests". `diff_ids` overrides what the
+    config claims (to make a lying image)."""
     _init_layout(layout)
-    descs, diff_ids = [], []
+    descs, actual_diff_ids = [], []
     for tar_bytes in layers:
         gz = gzip.compress(tar_bytes, compresslevel=6, mtime=0)
         descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
                       "digest": _put_blob(layout, gz), "size": len(gz)})
-        diff_ids.append(_digest(tar_bytes))
+        actual_diff_ids.append(_digest(tar_bytes))
+    claimed = diff_ids
+    diff_ids = list(claimed or actual_diff_ids)
     cfg = {"architecture": arch, "os": "linux", "created": "2023-11-14T22:13:20Z",
            "config": config, "rootfs": {"type": "layers", "diff_ids": diff_ids},
            "history": [{"created_by": f"vmcri test layer {i}"} for i in range(len(layers))]}
@@ -204,11 +207,12 @@ def write_oci_image(layout: str, layers: list[bytes], config: dict,
     m_bytes = json.dumps(manifest, sort_keys=True).encode()
     return {"mediaType": manifest["mediaType"], "digest": _put_blob(layout, m_bytes),
             "size": len(m_bytes), "platform": {"os": "linux", "architecture": arch},
-            "config_digest": manifest["config"]["digest"], "diff_ids": diff_ids}
+            "config_digest": manifest["config"]["digest"], "diff_ids": diff_ids,
+            "layer_digests": [d["digest"] for d in descs]}
 
 
 def _clean_desc(desc: dict) -> dict:
-    return {k: v for k, v in desc.items() if k not in ("config_digest", "diff_ids")}
+    return {k: v for k, v in desc.items() if k not in ("config_digest", "diff_ids", "layer_digests")}
 
 
 def set_layout_index(layout: str, tag: str, manifests: list[dict]) -> str | None:

@@ -218,6 +218,7 @@ class ImageService:
         pins = [image_id, *(d["digest"] for d in layer_descs)]
         self.store.pin(pins)
         staging = self.store.new_staging("pull-")
+        failed = True
         try:
             config_raw = self._fetch_blobs(session, ep, r, m_digest, config_desc, layer_descs,
                                            staging)
@@ -248,9 +249,12 @@ class ImageService:
                     f"{k} {v:.3f}s" for k, v in self.last_phases.items()))
             finally:
                 self.store.unpin(diff_ids)
+            failed = False
         finally:
             self.store.unpin(pins)
             shutil.rmtree(staging, ignore_errors=True)
+            if failed:
+                self.store.gc()  # blobs/layers verified before the failure belong to no image
         return image_id
 
     def _pick_platform(self, index: dict, r: reference.Reference) -> str:
