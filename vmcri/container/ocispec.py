@@ -14,7 +14,6 @@ profile are read; everything else is a pure function of the inputs.
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import signal
 from dataclasses import dataclass
@@ -569,4 +568,4 @@ def build_spec(container_id: str, config: api_pb2.ContainerConfig,
 
 def spec_json(spec: dict) -> str:
     """Stable text form, for the bundle file and for golden files."""
-    return json.dumps(spec, indent=2, sort_keys=False) + os.linesep
+    return json.dumps(spec, indent=2) + "\n"
