@@ -170,6 +170,16 @@ def test_working_dir_precedence():
     assert build(image={"Cmd": ["x"]})["process"]["cwd"] == "/"
 
 
+def test_image_config_fields_from_the_registry_are_checked():
+    assert build(image={**IMAGE, "WorkingDir": "app/./x"})["process"]["cwd"] == "/app/x"
+    with pytest.raises(InvalidArgument, match="image config Cmd: must be a list of strings"):
+        build(image={"Cmd": "sleep 1"})
+    with pytest.raises(InvalidArgument, match="image config Env"):
+        build(image={**IMAGE, "Env": [1]})
+    with pytest.raises(InvalidArgument, match="image config WorkingDir"):
+        build(image={**IMAGE, "WorkingDir": ["/"]})
+
+
 def test_tty_and_stdin_are_recorded():
     spec = build(container(tty=True, stdin=True))
     assert spec["process"]["terminal"] is True

@@ -121,14 +121,30 @@ class GuestPaths:
 # ---------------------------------------------------------------- process
 
 
+def image_strings(image_config: dict, key: str) -> list[str]:
+    """A list-of-strings field of the image config (which comes from a registry)."""
+    value = image_config.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"image config {key}: must be a list of strings")
+    return list(value)
+
+
+def image_working_dir(image_config: dict) -> str:
+    value = image_config.get("WorkingDir") or ""
+    if not isinstance(value, str):
+        raise InvalidArgument("image config WorkingDir: must be a string")
+    # Docker resolves a relative WorkingDir against "/"; the OCI cwd must be absolute.
+    return posixpath.normpath(posixpath.join("/", value)) if value else "/"
+
+
 def resolve_args(command: Iterable[str], args: Iterable[str], image_config: dict) -> list[str]:
     """containerd's rule: CRI command wins over the image Entrypoint and drops the image
     Cmd; CRI args alone replace the image Cmd; neither gives Entrypoint + Cmd."""
     command, args = list(command), list(args)
     if not command:
         if not args:
-            args = list(image_config.get("Cmd") or [])
-        entrypoint = list(image_config.get("Entrypoint") or [])
+            args = image_strings(image_config, "Cmd")
+        entrypoint = image_strings(image_config, "Entrypoint")
         if entrypoint != [""]:
             command = entrypoint
     argv = command + args
@@ -524,17 +540,20 @@ def build_spec(container_id: str, config: api_pb2.ContainerConfig,
         raise InvalidArgument("config.linux.security_context.privileged: the pod sandbox "
                               "is not privileged")
 
+    image_user = image_config.get("User") or ""
+    if not isinstance(image_user, str):
+        raise InvalidArgument("image config User: must be a string")
     extra_env = [("HOSTNAME", sandbox_config.hostname)] if sandbox_config.hostname else []
     if config.tty:
         extra_env.append(("TERM", "xterm"))
     caps = resolve_capabilities(sec.capabilities, privileged)
     process = {
         "terminal": bool(config.tty),
-        "user": resolve_user(sec, str(image_config.get("User") or ""), read_image_file),
+        "user": resolve_user(sec, image_user, read_image_file),
         "args": resolve_args(config.command, config.args, image_config),
-        "env": merge_env(image_config.get("Env") or [],
+        "env": merge_env(image_strings(image_config, "Env"),
                          [(kv.key, kv.value) for kv in config.envs], extra_env),
-        "cwd": config.working_dir or image_config.get("WorkingDir") or "/",
+        "cwd": config.working_dir or image_working_dir(image_config),
         "capabilities": _capabilities_block(caps, sec.capabilities.add_ambient_capabilities),
         "noNewPrivileges": bool(sec.no_new_privs),
         "oomScoreAdj": int(config.linux.resources.oom_score_adj),
