@@ -191,3 +191,11 @@ def test_any_chunking_reassembles_the_same_lines(tmp_path_factory, lines, cuts, 
     assert current == b""
     # The writer drops one "\r" before "\n", as containerd's line reader does.
     assert rebuilt == [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
+def test_write_errors_drop_entries_instead_of_raising(tmp_path):
+    # /dev/full fails every write with ENOSPC, like a full log disk.
+    w = CriLogWriter("/dev/full")
+    w.write("stdout", b"lost\nlost too\n")
+    assert w.dropped_entries == 2
+    w.close()

@@ -11,9 +11,12 @@ Memory is bounded: at most `max_line_size` bytes are kept per stream.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LINE_SIZE = 16 * 1024
 STREAMS = ("stdout", "stderr")
@@ -42,6 +45,7 @@ class CriLogWriter:
         self._clock_ns = clock_ns
         self._lock = threading.Lock()
         self._pending = {s: bytearray() for s in STREAMS}
+        self.dropped_entries = 0  # entries lost to write errors since the last success
         self._fd: int | None = self._open()
 
     def _open(self) -> int:
@@ -52,9 +56,21 @@ class CriLogWriter:
             return
         entry = format_entry(self._clock_ns(), stream, partial, content)
         view = memoryview(entry)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as e:
+            # A full disk must not stall the container's output pump: drop, count, warn once.
+            if not self.dropped_entries:
+                log.warning("cannot write container log %s: %s; dropping entries until "
+                            "it works again", self.path, e)
+            self.dropped_entries += 1
+            return
+        if self.dropped_entries:
+            log.warning("container log %s writable again after %d dropped entries",
+                        self.path, self.dropped_entries)
+            self.dropped_entries = 0
 
     def write(self, stream: str, data: bytes) -> None:
         """Add raw output of `stream`; whole lines are written at once."""
