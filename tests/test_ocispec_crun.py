@@ -203,16 +203,20 @@ def guest_pod():
     from vmcri import config as config_mod
     from vmcri.daemon import Runtime
     d = make_daemon('cni_conf_dir = ""', prefix="vmcri-ocispec-")
-    rt = Runtime(config_mod.load(d.config_path))
+    rt = None
+    sid = None
     sb = sandbox(privileged=True)
     sb.log_directory = ""
-    sid = rt.sandboxes.run(sb)
     try:
+        rt = Runtime(config_mod.load(d.config_path))
+        sid = rt.sandboxes.run(sb)
         yield rt, sid, sb
     finally:
-        rt.sandboxes.stop(sid)
-        rt.sandboxes.remove(sid)
-        rt.close()
+        if sid:
+            rt.sandboxes.stop(sid)
+            rt.sandboxes.remove(sid)
+        if rt is not None:
+            rt.close()
         shutil.rmtree(d.base, ignore_errors=True)
 
 
