@@ -52,6 +52,16 @@ def test_overlay_form_and_metadata(tmp_path, compress):
     assert int(os.stat(dest / "top").st_mtime) == 1_700_000_000
 
 
+def test_compressed_digest_checked_in_the_same_pass(tmp_path):
+    blob, diff_id = write_blob(tmp_path, build_layer([("file", "a", b"a")]))
+    right = "sha256:" + hashlib.sha256(open(blob, "rb").read()).hexdigest()
+    (tmp_path / "ok").mkdir()
+    unpack_layer(blob, str(tmp_path / "ok"), diff_id, blob_digest=right)
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(LayerError, match="hashes to"):
+        unpack_layer(blob, str(tmp_path / "bad"), diff_id, blob_digest="sha256:" + "1" * 64)
+
+
 def test_diff_id_mismatch(tmp_path):
     blob, _ = write_blob(tmp_path, build_layer([("file", "a", b"a")]))
     dest = tmp_path / "out"

@@ -220,8 +220,8 @@ class ImageService:
         staging = self.store.new_staging("pull-")
         failed = True
         try:
-            config_raw = self._fetch_blobs(session, ep, r, m_digest, config_desc, layer_descs,
-                                           staging)
+            config_raw, staged = self._fetch_blobs(session, ep, r, m_digest, config_desc,
+                                                   layer_descs, staging)
             t2 = time.monotonic()
             config = _json(config_raw, f"image config {image_id}")
             diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
@@ -234,7 +234,7 @@ class ImageService:
                 for i, (desc, diff_id) in enumerate(zip(layer_descs, diff_ids)):
                     reference.validate_digest(diff_id, f"image {r}: diff_id")
                     lowers = [self.store.layer_path(d) for d in reversed(diff_ids[:i])]
-                    self._ensure_layer(desc["digest"], diff_id, lowers)
+                    self._ensure_layer(desc, diff_id, lowers, staged.get(desc["digest"]))
                     layers.append({"digest": desc["digest"], "diff_id": diff_id,
                                    "size": desc.get("size", 0),
                                    "media_type": desc.get("mediaType", "")})
@@ -269,9 +269,11 @@ class ImageService:
 
     def _fetch_blobs(self, session: Session, ep: Endpoint, r: reference.Reference,
                      m_digest: str, config_desc: dict, layer_descs: list[dict],
-                     staging: str) -> bytes:
-        """Get every missing layer blob (verified) into the store; return the config bytes."""
+                     staging: str) -> tuple[bytes, dict[str, str]]:
+        """Fetch the layer blobs the store lacks into staging; returns the verified config
+        bytes and {digest: staged path} of the (not yet verified) layer blobs."""
         config_digest = config_desc["digest"]
+        staged: dict[str, str] = {}
         missing = [d for d in layer_descs if not self.store.has_blob(d["digest"])]
         if missing:
             shared = os.path.join(staging, "blobs")
@@ -286,31 +288,46 @@ class ImageService:
                 src = os.path.join(shared, "sha256", d["digest"].split(":")[1])
                 if not os.path.isfile(src):
                     raise VmcriError(f"image {r}: skopeo did not deliver layer {d['digest']}")
-                self.store.add_blob_file(d["digest"], src, d.get("size"))
+                if d.get("size") is not None and os.path.getsize(src) != d["size"]:
+                    raise DigestMismatch(f"blob {d['digest']}: size {os.path.getsize(src)} does "
+                                         f"not match descriptor size {d['size']}; nothing stored")
+                staged[d["digest"]] = src
             fetched_config = os.path.join(shared, "sha256", config_digest.split(":")[1])
             if not self.store.has_blob(config_digest) and os.path.isfile(fetched_config):
                 self.store.add_blob_file(config_digest, fetched_config, config_desc.get("size"))
         if self.store.has_blob(config_digest):
             with open(self.store.blob_path(config_digest), "rb") as f:
-                return f.read()
+                return f.read(), staged
         # Docker schema 2 sources reach the OCI layout converted, so the original config
         # (whose digest is the image id) is fetched as served.
         raw = session.config(ep, r, m_digest)
         self.store.add_blob_bytes(config_digest, raw)
-        return raw
+        return raw, staged
 
-    def _ensure_layer(self, blob_digest: str, diff_id: str, lowers: list[str]) -> None:
+    def _ensure_layer(self, desc: dict, diff_id: str, lowers: list[str],
+                      staged: str | None) -> None:
+        """Unpack the layer unless present. A freshly `staged` blob is verified while it
+        is unpacked (one read) and enters the store only if both digests match."""
+        digest = desc["digest"]
         with self._inflight_lock:
             lock = self._layer_locks.setdefault(diff_id, threading.Lock())
         with lock:
+            if staged and self.store.has_blob(digest):
+                staged = None  # another pull stored it meanwhile
             if self.store.has_layer(diff_id):
+                if staged:
+                    self.store.add_blob_file(digest, staged, desc.get("size"))
                 return
             work = self.store.new_staging("layer-")
             try:
                 dest = os.path.join(work, "fs")
                 os.mkdir(dest, 0o755)
-                tar_size = unpack_layer(self.store.blob_path(blob_digest), dest, diff_id, lowers)
-                self.store.commit_layer(diff_id, blob_digest, dest, tar_size)
+                src = staged or self.store.blob_path(digest)
+                tar_size = unpack_layer(src, dest, diff_id, lowers,
+                                        blob_digest=digest if staged else None)
+                if staged:
+                    self.store.add_blob_file(digest, staged, desc.get("size"), verified=True)
+                self.store.commit_layer(diff_id, digest, dest, tar_size)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
 

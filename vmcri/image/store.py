@@ -123,8 +123,10 @@ class ImageStore:
     def has_blob(self, digest: str) -> bool:
         return os.path.isfile(self.blob_path(digest))
 
-    def add_blob_file(self, digest: str, src: str, expected_size: int | None = None) -> str:
-        """Verify `src` against `digest` and move it into the store (atomic rename)."""
+    def add_blob_file(self, digest: str, src: str, expected_size: int | None = None,
+                      verified: bool = False) -> str:
+        """Verify `src` against `digest` (unless the caller just did) and move it into
+        the store (atomic rename)."""
         dst = self.blob_path(digest)
         if os.path.isfile(dst):
             return dst
@@ -132,7 +134,7 @@ class ImageStore:
         if expected_size is not None and size != expected_size:
             raise DigestMismatch(f"blob {digest}: size {size} does not match descriptor size "
                                  f"{expected_size}")
-        got = sha256_file(src)
+        got = digest if verified else sha256_file(src)
         if got != digest:
             raise DigestMismatch(f"blob {digest}: content hashes to {got}; nothing stored")
         tmp = os.path.join(self.blobs_dir, f"{TMP_PREFIX}{os.getpid()}-{threading.get_ident()}")

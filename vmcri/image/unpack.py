@@ -59,12 +59,10 @@ class _HashingReader(io.RawIOBase):
             self.count += len(data)
 
 
-def _decompressed(f):
-    magic = f.read(4)
-    f.seek(0)
-    if magic[:2] == b"\x1f\x8b":
+def _decompressed(f, peek: bytes):
+    if peek[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=f, mode="rb")
-    if magic == b"\x28\xb5\x2f\xfd":
+    if peek == b"\x28\xb5\x2f\xfd":
         raise Unimplemented("zstd-compressed layers are not supported yet")
     return f
 
@@ -145,24 +143,40 @@ def _apply_meta(path: str, m: tarfile.TarInfo, is_link: bool) -> None:
     os.utime(path, ns=(int(m.mtime * 1e9),) * 2, follow_symlinks=False)
 
 
-def unpack_layer(blob_path: str, dest: str, diff_id: str, lowers: list[str] = ()) -> int:
+def _check_blob(blob: _HashingReader, digest: str) -> None:
+    got = "sha256:" + blob.sha.hexdigest()
+    if got != digest:
+        raise LayerError(f"blob {digest}: content hashes to {got}; nothing stored")
+
+
+def unpack_layer(blob_path: str, dest: str, diff_id: str, lowers: list[str] = (),
+                 blob_digest: str | None = None) -> int:
     """Unpack `blob_path` (tar, tar+gzip) into the empty dir `dest`; `lowers` are the
     unpacked layers below it, top first (only hard links into them need those).
-    Returns the tar's uncompressed size; raises LayerError on a bad layer or diff_id."""
+    With `blob_digest`, the compressed bytes are verified in the same pass.
+    Returns the tar's uncompressed size; raises LayerError on a bad layer or digest."""
     dir_times: list[tuple[str, int]] = []
     with open(blob_path, "rb") as f:
-        raw = _decompressed(f)
-        reader = _HashingReader(raw)
+        peek = f.read(4)
+        f.seek(0)
+        blob = _HashingReader(f)
+        reader = _HashingReader(_decompressed(io.BufferedReader(blob, _COPY_CHUNK), peek))
         buffered = io.BufferedReader(reader, _COPY_CHUNK)
         try:
             with tarfile.open(fileobj=buffered, mode="r|", errorlevel=2) as tar:
                 for m in tar:
                     _extract_member(tar, m, dest, dir_times, lowers)
             reader.drain()
+            blob.drain()
         except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError, zlib.error) as e:
+            if blob_digest is not None:  # a bad digest explains a corrupt archive best
+                blob.drain()
+                _check_blob(blob, blob_digest)
             if isinstance(e, LayerError):
                 raise
             raise LayerError(f"layer {diff_id}: corrupt archive: {e}") from e
+    if blob_digest is not None:
+        _check_blob(blob, blob_digest)
     got = "sha256:" + reader.sha.hexdigest()
     if got != diff_id:
         raise LayerError(f"layer diff_id mismatch: config says {diff_id}, content is {got}")
