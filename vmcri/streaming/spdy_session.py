@@ -134,6 +134,7 @@ class Connection:
         for s in streams:
             s.remote_closed = True
             s.inbox.close("connection closed")
+            s.replied.set()   # wake open_stream waiters
         for ev in list(self._pings.values()):
             ev.set()
 
@@ -201,6 +202,8 @@ class Connection:
             self._sendall_locked(spdy.syn_stream_frame(self._comp, sid, headers, fin=fin))
         if reply_timeout is not None and not stream.replied.wait(reply_timeout):
             raise TimeoutError(f"no SYN_REPLY for stream {sid}")
+        if self.closed.is_set():
+            raise ConnectionError(f"spdy connection closed before stream {sid} was answered")
         if stream.reset_status is not None:
             raise StreamReset(f"stream {sid} reset with status {stream.reset_status}")
         return stream
