@@ -8,6 +8,7 @@ same image from a local docker-registry, in one run. Prints medians and the rati
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -43,7 +44,7 @@ def main() -> None:
         ref = f"{reg}/vmcri-bench/multi:1.0"
         push_layout(layout, "bench", ref)
 
-        vmcri_s, skopeo_s, phases = [], [], []
+        vmcri_s, skopeo_s, untar_s, phases = [], [], [], []
         for i in range(args.runs):
             root = os.path.join(work, f"root{i}")
             cfg = Config(root_dir=root, run_dir=os.path.join(work, f"run{i}"))
@@ -61,6 +62,18 @@ def main() -> None:
             subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false",
                             f"docker://{ref}", f"dir:{dest}"], check=True)
             skopeo_s.append(time.monotonic() - t)
+            # baseline that also unpacks: the same copy, then GNU tar per layer
+            shutil.rmtree(dest)
+            t = time.monotonic()
+            subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false",
+                            f"docker://{ref}", f"dir:{dest}"], check=True)
+            with open(os.path.join(dest, "manifest.json")) as f:
+                for n, layer in enumerate(json.load(f)["layers"]):
+                    out = os.path.join(dest, f"unpacked{n}")
+                    os.mkdir(out)
+                    subprocess.run(["tar", "-xzpf", os.path.join(dest, layer["digest"].split(":")[1]),
+                                    "-C", out], check=True)
+            untar_s.append(time.monotonic() - t)
             shutil.rmtree(dest)
         v, s = statistics.median(vmcri_s), statistics.median(skopeo_s)
         total = sum(len(x) for x in layers)
@@ -71,7 +84,9 @@ def main() -> None:
               f"(all: {', '.join(f'{x:.3f}' for x in skopeo_s)})")
         print("vmcri phases (median): " + ", ".join(
             f"{k} {statistics.median(p[k] for p in phases):.3f}s" for k in phases[0]))
-        print(f"ratio vmcri/skopeo: {v / s:.2f}")
+        u = statistics.median(untar_s)
+        print(f"skopeo copy -> dir: + tar -xzpf per layer:           median {u:.3f}s")
+        print(f"ratio vmcri/skopeo-copy: {v / s:.2f}   ratio vmcri/(skopeo-copy + tar): {v / u:.2f}")
     finally:
         stop_registry(reg)
         shutil.rmtree(work, ignore_errors=True)
