@@ -1,5 +1,6 @@
 """Credentials, mirrors and corrupt content, each against a real docker-registry."""
 import base64
+import json
 import os
 
 import pytest
@@ -181,3 +182,34 @@ printf 'X' | dd of="$dir/sha256/{top}" bs=1 seek=100 conv=notrunc 2>/dev/null
     # a healthy transport afterwards pulls fine into the same store
     svc.skopeo = "skopeo"
     assert svc.pull(test_images.multi.ref) == test_images.multi.image_id
+
+
+def test_credentials_reach_skopeo_in_a_0600_authfile_not_argv(tmp_path, auth_registry):
+    """identity_token and registry_token need a token server the test registry lacks, so
+    this checks what skopeo is handed; the real server still judges it (and refuses)."""
+    reg, ref = auth_registry
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    wrapper = tmp_path / "recording-skopeo"
+    wrapper.write_text(f"""#!/bin/sh
+echo "$@" >> {seen}/args
+for a in "$@"; do case "$a" in --authfile=*|--src-authfile=*)
+  f=${{a#*=}}; stat -c %a "$f" >> {seen}/modes; cat "$f" >> {seen}/authfiles; echo >> {seen}/authfiles;;
+esac; done
+exec skopeo "$@"
+""")
+    wrapper.chmod(0o755)
+    svc = make_service(tmp_path, skopeo=str(wrapper))
+    svc.pull(ref, auth={"username": "alice", "password": "s3cret"})
+    with pytest.raises(Unauthenticated):
+        svc.pull(ref, auth={"identity_token": "idtok-123"})
+    with pytest.raises(Unauthenticated):
+        svc.pull(ref, auth={"registry_token": "regtok-456"})
+    args = (seen / "args").read_text()
+    assert "s3cret" not in args and "idtok-123" not in args
+    assert "--registry-token=regtok-456" in args
+    assert set((seen / "modes").read_text().split()) == {"600"}
+    files = [json.loads(line) for line in (seen / "authfiles").read_text().splitlines() if line]
+    entries = [f["auths"].get(str(reg)) for f in files]
+    assert {"auth": base64.b64encode(b"alice:s3cret").decode()} in entries
+    assert any(e and e.get("identitytoken") == "idtok-123" for e in entries)
