@@ -247,3 +247,25 @@ def test_pulling_a_present_image_again_fetches_no_blobs(cfg, test_images, tmp_pa
         assert f.read().split() == ["inspect", "copy", "inspect"]
     assert svc.resolve(test_images.multi.ref).repo_digests == [test_images.multi.digest_ref]
     store.close()
+
+
+def test_fs_info_drops_after_remove(svc, test_images):
+    svc.pull(test_images.multi.ref)
+    full = svc.fs_info()
+    svc.remove(test_images.multi.image_id)
+    empty = svc.fs_info()
+    assert empty["used_bytes"] < full["used_bytes"] - 1_000_000
+    assert empty["inodes_used"] < full["inodes_used"]
+
+
+def test_image_repeating_a_layer(svc, test_images, tmp_path):
+    from tests.support.fx_registry import build_layer, push_layout, set_layout_index, write_oci_image
+    layout = str(tmp_path / "layout")
+    small = build_layer([("file", "again", b"again\n")])
+    desc = write_oci_image(layout, [test_images.base_layer, small, small], {"Cmd": ["true"]})
+    set_layout_index(layout, "rep", [desc])
+    ref = f"{test_images.registry}/vmcri-test/repeat:1.0"
+    push_layout(layout, "rep", ref)
+    svc.pull(test_images.single.ref)  # base blob present, so it is offered to skopeo
+    dirs = svc.layer_dirs(svc.resolve(svc.pull(ref)))
+    assert len(dirs) == 3 and dirs[1] == dirs[2]

@@ -35,6 +35,7 @@ LAYER_TYPES = ("application/vnd.oci.image.layer.v1.tar",
                "application/vnd.docker.image.rootfs.diff.tar")
 PLATFORM = ("linux", "amd64")
 MAX_LAYERS = 256
+USAGE_CACHE_S = 5.0
 
 
 @dataclass
@@ -128,6 +129,7 @@ class ImageService:
         self._layer_locks: dict[str, threading.Lock] = {}
         self.pulls_done = 0          # pulls that really ran (not joined); for tests/metrics
         self.last_phases: dict[str, float] = {}   # seconds per phase of the last pull
+        self._usage: tuple[float, int, tuple[int, int]] | None = None
 
     # -- pull ---------------------------------------------------------------------
     def pull(self, ref: str, auth: dict | None = None, sandbox_config=None) -> str:
@@ -279,10 +281,10 @@ class ImageService:
             shared = os.path.join(staging, "blobs")
             os.makedirs(os.path.join(shared, "sha256"))
             # Blobs we hold are offered to skopeo as hard links, so it skips fetching them.
-            for d in [config_desc, *layer_descs]:
-                if self.store.has_blob(d["digest"]):
-                    os.link(self.store.blob_path(d["digest"]),
-                            os.path.join(shared, "sha256", d["digest"].split(":")[1]))
+            for digest in {d["digest"] for d in [config_desc, *layer_descs]}:
+                if self.store.has_blob(digest):
+                    os.link(self.store.blob_path(digest),
+                            os.path.join(shared, "sha256", digest.split(":")[1]))
             session.copy_blobs(ep, r, m_digest, shared, os.path.join(staging, "layout"))
             for d in missing:
                 src = os.path.join(shared, "sha256", d["digest"].split(":")[1])
@@ -405,6 +407,12 @@ class ImageService:
         log.info("removed image %s (asked as %s)", image_id, ref)
 
     def fs_info(self) -> dict:
-        used, inodes = self.store.usage()
+        """Bytes and inodes under the image store. The walk is cached for USAGE_CACHE_S
+        unless an image was added or removed since (the kubelet polls this)."""
+        now = time.monotonic()
+        key = self.store.generation
+        if self._usage is None or self._usage[1] != key or now - self._usage[0] > USAGE_CACHE_S:
+            self._usage = (now, key, self.store.usage())
+        used, inodes = self._usage[2]
         return {"mountpoint": self.cfg.image_store_dir, "used_bytes": used,
                 "inodes_used": inodes, "timestamp_ns": time.time_ns()}

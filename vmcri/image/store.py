@@ -90,6 +90,7 @@ class ImageStore:
         # digests in use by pulls in flight; GC must not remove them
         self._pinned: dict[str, int] = {}
         self._lock = threading.RLock()
+        self.generation = 0  # bumped whenever images come or go (usage caches key on it)
 
     # -- start-up -------------------------------------------------------------
     def recover(self) -> None:
@@ -190,6 +191,7 @@ class ImageStore:
             for ref, kind in refs:
                 conn.execute("INSERT OR REPLACE INTO image_refs(ref, image_id, kind) VALUES (?,?,?)",
                              (ref, image_id, kind))
+        self.generation += 1
 
     def _row(self, r) -> ImageRow:
         refs = [(x["ref"], x["kind"]) for x in self.db.query(
@@ -217,6 +219,7 @@ class ImageStore:
         with self.db.tx() as conn:
             changed = conn.execute("DELETE FROM image_images WHERE id=?", (image_id,)).rowcount
         self.gc()
+        self.generation += 1
         return changed > 0
 
     # -- garbage collection -------------------------------------------------------
