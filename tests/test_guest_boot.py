@@ -149,6 +149,28 @@ def test_process_survives_reconnect_and_buffered_output_arrives(vm):
     assert e.value.kind == "NotFound"
 
 
+def test_repeated_disconnects_during_heavy_output(vm):
+    """The host drops the connection while the guest is streaming: every reconnect gets a
+    clean handshake (no bytes of the old session leak into the new one) and the process's
+    exit status still arrives."""
+    c = vm["client"]
+    p = c.open_process(["sh", "-c", "i=0; while [ $i -lt 20000 ]; do echo line-$i; i=$((i+1)); done; "
+                                    "sleep 2; echo done"], id="noisy-1")
+    assert p.recv(timeout=30)
+    for _ in range(3):
+        c.close()
+        assert c.call("ping", timeout=60)["pong"] is True
+        a = c.attach("noisy-1")
+        assert a.recv(timeout=30) or a.exit_status(30) is not None
+    c.close()
+    a = c.attach("noisy-1")
+    tail = b""
+    while (d := a.recv(timeout=60)):
+        tail = (tail + d)[-4096:]
+    assert tail.endswith(b"done\n")
+    assert a.exit_status(30) == 0
+
+
 def test_ping_round_trip(vm):
     c = vm["client"]
     samples = []

@@ -8,6 +8,7 @@ ends and the next bytes (a new banner) start a fresh SSH handshake.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 import time
@@ -175,22 +176,36 @@ class SessionServer(paramiko.ServerInterface):
 
 
 class PortServer:
-    """Owns the port fd; runs one SSH session per host connection."""
+    """Owns the port fd; runs one SSH session per host connection.
+
+    The fd is non-blocking: while the host is disconnected a blocking write() would sleep
+    until the *next* connection and then inject the old session's bytes into it, so a
+    writer drops its data once its session has ended instead. (Only one open() of a
+    virtio port is allowed, so reads are non-blocking too, driven by poll().)
+    """
 
     def __init__(self, agent, port_path: str):
         self.agent = agent
-        self.fd = os.open(port_path, os.O_RDWR)
+        self.fd = os.open(port_path, os.O_RDWR | os.O_NONBLOCK)
         self.host_key = ed25519_host_key()
         self.sessions = 0
-        self._sock = None  # our end of the current session's socketpair
+        self._current = 0   # number of the live session, 0 when none
+        self._sock = None   # our end of the live session's socketpair
 
     def serve_forever(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
         while True:
+            if not poller.poll(1000):
+                continue
             try:
                 data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                continue
             except InterruptedError:
                 continue
             if not data:
+                # host disconnected (poll reports POLLIN|POLLHUP and read gives b'')
                 self._end_session()
                 time.sleep(IDLE_POLL_S)
                 continue
@@ -211,11 +226,12 @@ class PortServer:
         ours, theirs = socket.socketpair()
         self._sock = ours
         self.sessions += 1
-        n = self.sessions
-        threading.Thread(target=self._to_port, args=(ours,), daemon=True, name=f"to-port-{n}").start()
+        n = self._current = self.sessions
+        threading.Thread(target=self._to_port, args=(ours, n), daemon=True, name=f"to-port-{n}").start()
         threading.Thread(target=self._run_transport, args=(theirs, n), daemon=True, name=f"ssh-{n}").start()
 
     def _end_session(self) -> None:
+        self._current = 0
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
@@ -224,7 +240,9 @@ class PortServer:
             self._sock.close()
             self._sock = None
 
-    def _to_port(self, sock) -> None:
+    def _to_port(self, sock, n: int) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
         while True:
             try:
                 data = sock.recv(65536)
@@ -232,32 +250,41 @@ class PortServer:
                 return
             if not data:
                 return
-            try:
-                os.write(self.fd, data)
-            except OSError:
-                return
+            view = memoryview(data)
+            while view:
+                if self._current != n:
+                    return  # session over: never let its bytes reach the next connection
+                try:
+                    view = view[os.write(self.fd, view):]
+                except (BlockingIOError, InterruptedError):
+                    poller.poll(50)
+                except OSError:
+                    return
 
     def _run_transport(self, sock, n: int) -> None:
         t = AgentTransport(sock)
         t.add_server_key(self.host_key)
-        server = SessionServer(self.agent)
         try:
-            t.start_server(server=server)
+            t.start_server(server=SessionServer(self.agent))
             if n == 1:
                 pid1.phase("ssh-handshake")
-            # channels are served from the exec callback; the references kept here
-            # matter: paramiko closes a Channel when it is garbage collected
-            live = []
-            while t.is_active():
-                chan = t.accept(1.0)
-                live = [c for c in live if not c.closed]
-                if chan is not None:
-                    live.append(chan)
+            _serve_channels(t)
         except Exception as e:
             print(f"vmcri-agent: ssh session {n} ended: {e}", flush=True)
         finally:
             t.close()
             sock.close()
+
+
+def _serve_channels(t) -> None:
+    # channels are served from the exec callback; the references kept here matter:
+    # paramiko closes a Channel when it is garbage collected
+    live = []
+    while t.is_active():
+        chan = t.accept(1.0)
+        live = [c for c in live if not c.closed]
+        if chan is not None:
+            live.append(chan)
 
 
 def serve_unix(agent, path: str) -> None:
@@ -277,12 +304,7 @@ def _serve_conn(agent, conn, host_key) -> None:
     t.add_server_key(host_key)
     try:
         t.start_server(server=SessionServer(agent))
-        live = []
-        while t.is_active():
-            chan = t.accept(1.0)
-            live = [c for c in live if not c.closed]
-            if chan is not None:
-                live.append(chan)
+        _serve_channels(t)
     except Exception as e:
         print(f"vmcri-agent: ssh session ended: {e}", flush=True)
     finally:
