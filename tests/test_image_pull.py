@@ -262,10 +262,14 @@ def test_image_repeating_a_layer(svc, test_images, tmp_path):
     from tests.support.fx_registry import build_layer, push_layout, set_layout_index, write_oci_image
     layout = str(tmp_path / "layout")
     small = build_layer([("file", "again", b"again\n")])
-    desc = write_oci_image(layout, [test_images.base_layer, small, small], {"Cmd": ["true"]})
-    set_layout_index(layout, "rep", [desc])
-    ref = f"{test_images.registry}/vmcri-test/repeat:1.0"
+    other = build_layer([("file", "other", b"other\n")])
+    first = write_oci_image(layout, [test_images.base_layer, small], {"Cmd": ["true"]})
+    rep = write_oci_image(layout, [test_images.base_layer, small, small, other], {"Cmd": ["true"]})
+    set_layout_index(layout, "first", [first])
+    set_layout_index(layout, "rep", [rep])
+    push_layout(layout, "first", f"{test_images.registry}/vmcri-test/repeat:first")
+    ref = f"{test_images.registry}/vmcri-test/repeat:rep"
     push_layout(layout, "rep", ref)
-    svc.pull(test_images.single.ref)  # base blob present, so it is offered to skopeo
+    svc.pull(f"{test_images.registry}/vmcri-test/repeat:first")  # repeated blob now held
     dirs = svc.layer_dirs(svc.resolve(svc.pull(ref)))
-    assert len(dirs) == 3 and dirs[1] == dirs[2]
+    assert len(dirs) == 4 and dirs[1] == dirs[2] and len(set(dirs)) == 3
