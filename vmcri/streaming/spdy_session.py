@@ -66,6 +66,10 @@ class Connection:
                  max_header_bytes: int = spdy.MAX_HEADER_BYTES, max_streams: int = 1000,
                  name: str = ""):
         self.sock = sock
+        try:   # small control frames (WINDOW_UPDATE, PING) must not wait for Nagle
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         self.server = server
         self.name = name or ("server" if server else "client")
         self.on_stream = on_stream
