@@ -115,3 +115,17 @@ def test_rebuild_with_unchanged_recipe_reuses_the_image(guest_image):
     assert again.dir == guest_image.dir
     assert any("up to date" in line for line in logs)
     assert guestimage.locate(guest_test_config()).dir == guest_image.dir
+
+
+def test_prune_keeps_the_newest_and_current(tmp_path):
+    root = tmp_path
+    for i, name in enumerate(["a", "b", "c", "d"]):
+        d = root / name
+        d.mkdir()
+        (d / "manifest.json").write_text("{}")
+        os.utime(d, (1000 + i, 1000 + i))
+    os.symlink("a", root / "current")  # oldest, but current
+    (root / ".build-x").mkdir()
+    os.utime(root / ".build-x", (1, 1))
+    builder.prune(str(root), keep=2, log=lambda m: None)
+    assert sorted(p.name for p in root.iterdir()) == ["a", "c", "current", "d"]
