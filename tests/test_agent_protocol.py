@@ -109,3 +109,10 @@ def test_str_commands_are_bounded_too():
         protocol.decode_request("ping " + "x" * protocol.MAX_REQUEST_BYTES)
     with pytest.raises(ProtocolError, match="UTF-8"):
         protocol.decode_request(b"ping \xff")
+
+
+def test_every_control_method_has_exactly_one_guest_handler():
+    from vmcri.agent.__main__ import load_handlers
+    handlers = load_handlers()
+    assert set(handlers) == set(protocol.METHODS) - protocol.STREAMING
+    assert not set(handlers) & protocol.STREAMING  # run/attach are served by the SSH layer

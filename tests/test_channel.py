@@ -249,3 +249,22 @@ def test_one_hostile_guest_does_not_affect_another(raw_server, sock_path, dev_ag
         bad.call("ping")
     assert good.call("ping")["pong"] is True
     assert good.run(["echo", "still fine"])[1] == b"still fine\n"
+
+
+def test_guest_ignoring_the_flow_control_window_is_cut_off(raw_server, sock_path):
+    def flood(chan):
+        chan.sendall(b'{"ok":true,"result":{"id":"p1","pid":1,"dropped":0,"exited":false}}\n')
+        chan.out_window_size = 1 << 40  # pretend the host granted an endless window
+        try:
+            for _ in range(64):
+                chan.sendall(b"x" * (1 << 20))
+        except Exception:
+            pass
+    raw_server(ssh_guest(flood))
+    c = AgentClient(sock_path, call_timeout=10)
+    p = c.open_process(["cat"])  # the host does not read: a polite guest would stop at 2 MiB
+    deadline = time.monotonic() + 60
+    while c.connected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not c.connected
+    assert len(p.channel.in_buffer) <= 9 << 20

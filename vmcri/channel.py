@@ -14,7 +14,8 @@ import threading
 import time
 
 import paramiko
-from paramiko.common import cMSG_CHANNEL_REQUEST
+from paramiko.channel import Channel
+from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_EXTENDED_DATA, cMSG_CHANNEL_REQUEST
 from paramiko.message import Message
 
 from vmcri.agent import protocol
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 PRE_AUTH_BYTE_LIMIT = 256 * 1024   # banner + key exchange never need more
 MAX_PACKET_BYTES = 256 * 1024      # paramiko itself has no upper bound on a packet
 DEFAULT_MAX_OUTPUT = 16 << 20      # per stream, for run()
+MAX_UNREAD_BYTES = 8 << 20         # per channel; a well-behaved guest stops at the 2 MiB window
 
 
 class AgentError(Exception):
@@ -81,6 +83,22 @@ def _bound_packets(transport: paramiko.Transport) -> None:
         return orig(n, check_rekey)
 
     pk.read_all = read_all
+
+
+def _feed_within_window(handler):
+    def feed(chan, m):
+        if len(chan.in_buffer) + len(chan.in_stderr_buffer) > MAX_UNREAD_BYTES:
+            # paramiko does not enforce the window it advertised; a guest ignoring it
+            # would grow our buffers without bound. The transport closes on this error.
+            raise paramiko.SSHException("guest ignores the SSH flow-control window")
+        handler(chan, m)
+    return feed
+
+
+class _HostTransport(paramiko.Transport):
+    _channel_handler_table = dict(paramiko.Transport._channel_handler_table)
+    _channel_handler_table[MSG_CHANNEL_DATA] = _feed_within_window(Channel._feed)
+    _channel_handler_table[MSG_CHANNEL_EXTENDED_DATA] = _feed_within_window(Channel._feed_extended)
 
 
 def _remaining(deadline: float) -> float:
@@ -160,7 +178,7 @@ class AgentClient:
             sock.settimeout(_remaining(deadline))
             sock.connect(self.socket_path)
             bounded = _BoundedSocket(sock)
-            t = paramiko.Transport(bounded)
+            t = _HostTransport(bounded)
         except OSError as e:
             sock.close()
             raise AgentUnavailable(f"cannot connect to agent socket {self.socket_path}: {e}") from e

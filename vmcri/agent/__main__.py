@@ -55,6 +55,22 @@ class Agent:
             self.late_modules_done.set()
 
 
+def load_handlers() -> dict:
+    """method -> handler(agent, params), merged from every handler module.
+
+    A new family of calls (e.g. containers via crun) is a new `handlers_<area>.py` with a
+    HANDLERS dict, listed here, plus its validators in protocol.METHODS.
+    """
+    from . import handlers_system
+    handlers = {}
+    for mod in (handlers_system,):
+        clash = set(handlers) & set(mod.HANDLERS)
+        if clash:
+            raise RuntimeError(f"handler registered twice: {sorted(clash)}")
+        handlers.update(mod.HANDLERS)
+    return handlers
+
+
 def find_port(name: str, timeout: float = 10.0) -> str:
     deadline = time.monotonic() + timeout
     while True:
@@ -85,10 +101,10 @@ def main():
     sys.path.append("/usr/lib/python3/dist-packages")
     import logging
     logging.basicConfig(level=logging.WARNING, format="vmcri-agent: %(name)s: %(message)s")
-    from . import handlers_system, procs, server  # imports paramiko (the slow part)
+    from . import procs, server  # imports paramiko (the slow part)
     pid1.phase("paramiko-imported")
     agent.procs = procs.ProcessTable(agent.reaper)
-    agent.handlers = dict(handlers_system.HANDLERS)
+    agent.handlers = load_handlers()
     port = server.PortServer(agent, find_port(protocol.PORT_NAME))
     pid1.phase("agent-ready")
     print(protocol.READY_MARKER, flush=True)
@@ -97,11 +113,11 @@ def main():
 
 def dev_main(path: str) -> None:
     """Run the agent's call handling on the host (tests): no mounts, no port."""
-    from . import handlers_system, procs, server
+    from . import procs, server
     agent = Agent()
     agent.late_modules_done.set()
     agent.procs = procs.ProcessTable(agent.reaper)
-    agent.handlers = {k: v for k, v in handlers_system.HANDLERS.items()
+    agent.handlers = {k: v for k, v in load_handlers().items()
                       if k not in ("set_hostname", "configure_nic", "write_etc")}
     agent.handlers["shutdown"] = lambda agent, params: (threading.Timer(0.2, os._exit, (0,)).start(),
                                                         {"powering_off": True})[1]

@@ -139,4 +139,3 @@ HANDLERS = {
     "configure_nic": configure_nic,
     "shutdown": shutdown,
 }
-assert set(HANDLERS) | protocol.STREAMING == set(protocol.METHODS)
