@@ -39,6 +39,20 @@ def big_image(test_images, tmp_path_factory):
     return ref, desc["config_digest"], hashlib.sha256(payload).hexdigest()
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains `text` (NUL-separated argv)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(int(pid))
+            except OSError:
+                pass
+    return found
+
+
 def _staging_has(staging: str, prefix: str, sub: str = "") -> bool:
     try:
         return any(n.startswith(prefix) and (not sub or os.path.exists(os.path.join(staging, n, sub)))
@@ -57,17 +71,24 @@ def test_killed_pull_leaves_nothing_and_retry_succeeds(tmp_path, big_image, phas
     deadline = time.monotonic() + 120
     seen = False
     while time.monotonic() < deadline and proc.poll() is None:
-        if (phase == "download" and _staging_has(staging, "pull-", "layout")) or \
+        if (phase == "download" and _processes_mentioning(f"oci:{staging}/pull-")) or \
                 (phase == "unpack" and _staging_has(staging, "layer-")):
             seen = True
             break
         time.sleep(0.002)
-    # the daemon and its skopeo child die together, as with a killed service cgroup
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert seen, f"pull never reached the {phase} phase: {proc.stderr.read()[-2000:]}"
     assert proc.returncode == -signal.SIGKILL
+    # its skopeo child dies with it (parent-death signal), leaving no writer behind
+    deadline = time.monotonic() + 0.3
+    while _processes_mentioning(cfg.root_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    leftovers = _processes_mentioning(cfg.root_dir)
+    for pid in leftovers:  # clean up before failing
+        os.kill(pid, signal.SIGKILL)
+    assert leftovers == []
 
     store = Store(cfg.db_path)
     assert not store.query("SELECT * FROM image_images")  # nothing visible even before recovery

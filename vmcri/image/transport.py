@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ log = logging.getLogger("vmcri.image.transport")
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_CONFIG_BYTES = 8 << 20
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+# skopeo dies with the daemon, so a killed daemon leaves no writer in the staging dir
+_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
 _STDERR_TAIL = 600
 
 
@@ -127,7 +130,7 @@ class Session:
     def _run(self, args: list[str], what: str, ep: Endpoint, ref: Reference, limit: int) -> bytes:
         log.debug("skopeo %s", " ".join(a for a in args if "token" not in a))
         try:
-            proc = subprocess.run([self.skopeo, *args], stdin=subprocess.DEVNULL,
+            proc = subprocess.run([*_DIE_WITH_PARENT, self.skopeo, *args], stdin=subprocess.DEVNULL,
                                   capture_output=True, timeout=self.timeout, env=self._env())
         except subprocess.TimeoutExpired:
             raise Unavailable(f"{what} from registry {ep} for repository {ref.path}: "
