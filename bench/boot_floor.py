@@ -48,11 +48,14 @@ def phases(console: str) -> dict[str, float]:
     return out
 
 
+APPEND_EXTRA = ""
+
+
 def boot_raw(img, work: str, memory: int):
     sock, console = os.path.join(work, "agent.sock"), os.path.join(work, "console.log")
     argv = ["qemu-system-x86_64", "-machine", "pc", "-accel", "tcg,tb-size=32", "-cpu", "qemu64",
             "-m", str(memory), "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
-            "-no-reboot", "-kernel", img.kernel, "-initrd", img.initrd, "-append", img.cmdline,
+            "-no-reboot", "-kernel", img.kernel, "-initrd", img.initrd, "-append", (img.cmdline + " " + APPEND_EXTRA).strip(),
             "-drive", f"file={img.rootfs},if=none,id=root,format=raw,readonly=on",
             "-device", "virtio-blk-pci,drive=root,serial=vmcri-root",
             "-device", "virtio-serial-pci",
@@ -110,7 +113,10 @@ def main():
     ap.add_argument("--image-dir", default=os.environ.get("VMCRI_TEST_GUEST_ROOT", "/var/lib/vmcri-test") + "/guest/current")
     ap.add_argument("--memory", type=int, default=256)
     ap.add_argument("--pings", type=int, default=0)
+    ap.add_argument("--append-extra", default="", help="extra kernel cmdline (raw mode), e.g. vmcri.late=after")
     a = ap.parse_args()
+    global APPEND_EXTRA
+    APPEND_EXTRA = a.append_extra
     img = guestimage.locate(Config(guest_image_dir=a.image_dir))
     if img is None:
         sys.exit(f"no guest image in {a.image_dir}; build one first")

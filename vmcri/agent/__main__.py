@@ -55,6 +55,14 @@ class Agent:
             self.late_modules_done.set()
 
 
+def _cmdline() -> str:
+    try:
+        with open("/proc/cmdline") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def load_handlers() -> dict:
     """method -> handler(agent, params), merged from every handler module.
 
@@ -97,7 +105,11 @@ def main():
     if is_init:
         pid1.setup_mounts()
     agent = Agent()
-    threading.Thread(target=agent.load_late_modules, daemon=True, name="late-modules").start()
+    # vmcri.late=after on the kernel cmdline defers the late modules until the agent is
+    # ready (for measuring; parallel is the default)
+    late_after = is_init and "vmcri.late=after" in _cmdline()
+    if not late_after:
+        threading.Thread(target=agent.load_late_modules, daemon=True, name="late-modules").start()
     sys.path.append("/usr/lib/python3/dist-packages")
     import logging
     logging.basicConfig(level=logging.WARNING, format="vmcri-agent: %(name)s: %(message)s")
@@ -108,6 +120,8 @@ def main():
     port = server.PortServer(agent, find_port(protocol.PORT_NAME))
     pid1.phase("agent-ready")
     print(protocol.READY_MARKER, flush=True)
+    if late_after:
+        threading.Thread(target=agent.load_late_modules, daemon=True, name="late-modules").start()
     port.serve_forever()
 
 

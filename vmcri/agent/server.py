@@ -61,7 +61,8 @@ class SessionServer(paramiko.ServerInterface):
         self.agent = agent
         self._pending: dict[int, tuple] = {}
         self._ptys: dict[int, tuple[int, int]] = {}
-        self._procs: dict[int, object] = {}
+        self._procs: dict[int, object] = {}   # chanid -> Process, for signal/window-change
+        self._chans: dict[int, Channel] = {}
         self._lock = threading.Lock()
 
     def get_allowed_auths(self, username):
@@ -163,7 +164,13 @@ class SessionServer(paramiko.ServerInterface):
                 return self._fail(chan, "NotFound", f"id: no process {params['id']!r}")
             with_stdin = params["stdin"]
         with self._lock:
+            # forget closed channels so a long-lived connection does not pin old processes
+            for cid in [cid for cid, ch in self._chans.items() if ch.closed]:
+                self._chans.pop(cid, None)
+                self._procs.pop(cid, None)
+                self._ptys.pop(cid, None)
             self._procs[chan.get_id()] = proc
+            self._chans[chan.get_id()] = chan
         head = {"id": proc.id, "pid": proc.pid, "dropped": proc.dropped, "exited": proc.status is not None}
         chan.sendall(protocol.encode_reply(head))
         proc.attach(chan, with_stdin)
