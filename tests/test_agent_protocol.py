@@ -26,6 +26,10 @@ def test_every_method_round_trips_through_the_command_string():
         assert m == method
         assert p == protocol.validate(method, params)
     assert protocol.validate("configure_nic", samples["configure_nic"])["mac"] == "02:ab:cd:00:00:01"
+    # CNI-shaped input as the sandbox service sends it; mtu 0 means "leave it"
+    nic = protocol.validate("configure_nic", {"mac": "02:00:00:00:00:01", "addresses": ["10.88.0.2/24"],
+                                              "routes": [{"dst": "0.0.0.0/0", "gw": "10.88.0.1"}], "mtu": 0})
+    assert "mtu" not in nic and nic["routes"] == [{"dst": "0.0.0.0/0", "gw": "10.88.0.1"}]
 
 
 @pytest.mark.parametrize("method, params, field", [

@@ -166,7 +166,7 @@ def _configure_nic(p):
         if r.get("gw") is not None:
             route["gw"] = _ip(f"routes[{i}].gw", r["gw"])
         out["routes"].append(route)
-    if p.get("mtu") is not None:
+    if p.get("mtu") not in (None, 0):  # 0 or absent: leave the MTU alone
         out["mtu"] = _int("mtu", p["mtu"], 68, 65535)
     if p.get("name") is not None:
         name = _str("name", p["name"], 15)
