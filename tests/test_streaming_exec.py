@@ -226,3 +226,30 @@ def test_status_json_shape():
     assert json.loads(status_json(0)) == {"metadata": {}, "status": "Success"}
     failure = json.loads(status_json(None, "boom"))
     assert failure["status"] == "Failure" and failure["message"] == "boom"
+
+
+def test_legacy_client_without_protocol_header(server):
+    res = spdy_client.exec_url(exec_url(server, ["sh", "-c", "echo legacy; exit 1"]), protocols=[])
+    assert res.protocol == "" and res.stdout == b"legacy\n"
+    assert res.error_raw == b"command terminated with non-zero exit code: exit status 1"
+
+
+def test_client_goaway_does_not_cut_a_running_exec(server):
+    s = spdy_client.ExecSession(exec_url(server, ["sh", "-c", "read x; echo got $x"], stdin=True), stdin=True)
+    s.conn._send_goaway(0)   # kubectl says it opens no more streams; the exec goes on
+    s.send(b"more\n")
+    s.close_stdin()
+    res = s.wait()
+    assert res.stdout == b"got more\n" and res.exit_code == 0
+
+
+def test_idle_connection_is_closed_by_the_server(backend):
+    srv = StreamingServer(Config(streaming_port=0), backend, idle_timeout=0.5)
+    srv.start()
+    try:
+        s = spdy_client.ExecSession(exec_url(srv, ["sleep", "1000"]))
+        res = s.wait()   # the server gives up on the silent connection and ends the session
+        assert res.exit_code is None
+        assert wait_until(lambda: backend.channels[0].proc.poll() is not None)
+    finally:
+        srv.stop()

@@ -110,7 +110,8 @@ class ExecSession:
 
     def __init__(self, url: str, stdin=False, stdout=True, stderr=True, tty=False,
                  protocols=None, send_settings=False, open_order=None):
-        self.conn, self.protocol = upgrade(url, protocols or EXEC_PROTOCOLS, send_settings=send_settings)
+        self.conn, self.protocol = upgrade(url, EXEC_PROTOCOLS if protocols is None else protocols,
+                                             send_settings=send_settings)
         self.streams = {}
         order = open_order or ["error", "stdin", "stdout", "stderr", "resize"]
         wanted = {"error": True, "stdin": stdin, "stdout": stdout, "stderr": stderr and not tty,

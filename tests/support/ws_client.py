@@ -29,9 +29,11 @@ class WSClient:
         self._pending = []
         body = b""
         while True:
-            for ev in self._pump():
+            evs = self._pump()
+            for i, ev in enumerate(evs):
                 if isinstance(ev, AcceptConnection):
                     self.protocol = ev.subprotocol
+                    self._pending = evs[i + 1:]   # messages that came with the handshake
                     return
                 if isinstance(ev, RejectConnection):
                     status = ev.status_code

@@ -280,10 +280,19 @@ def serve_spdy(conn_factory, protocol: str, start, stdin: bool, stdout: bool, st
                 except (OSError, ConnectionError):
                     pass
             return
+        with lock:
+            opened = list(streams.items())
+        for _, s in opened:
+            s.replied.wait()   # the reader thread answers each stream before we may end it
         io = SessionIO(protocol, **{k: streams.get(k) for k in want if k != STREAM_ERROR},
                        error=streams[STREAM_ERROR])
         threading.Thread(target=lambda: (conn.closed.wait(), io.gone.set()), daemon=True).start()
         run_session(start, io, report_exit_code)
+        with lock:
+            opened = list(streams.items())
+        for kind, s in opened:
+            if kind not in want:
+                s.close()
     finally:
         conn.shutdown()
 

@@ -177,6 +177,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             self._route()
+        except (ConnectionError, BrokenPipeError) as e:
+            log.debug("streaming client %s went away: %s", self.client_address[0], e)
         except Exception:
             log.exception("streaming request %s failed", self.path)
         finally:

@@ -103,8 +103,8 @@ class Connection:
         return self
 
     def serve(self) -> None:
-        self.sock.settimeout(self.idle_timeout)
         try:
+            self.sock.settimeout(self.idle_timeout)
             while True:
                 try:
                     frame = self._reader.read()
@@ -234,6 +234,7 @@ class Connection:
         return stream.send_window > 0 and self.session_send_window > 0
 
     def _write_data(self, stream: Stream, data: bytes) -> None:
+        stream.replied.wait()   # no DATA before our SYN_REPLY: spdystream drops it
         view = memoryview(data)
         while view:
             with self._cv:
@@ -264,6 +265,7 @@ class Connection:
             view = view[n:]
 
     def _close_stream(self, stream: Stream) -> None:
+        stream.replied.wait()
         with self._cv:
             if stream.local_closed or stream.reset_status is not None:
                 return
