@@ -190,3 +190,14 @@ def test_kubectl_port_forward_over_spdy(env):
         assert backend.dialed == [echo.port] * 3
     finally:
         echo.close()
+
+
+def test_kubectl_exec_large_stdin_over_spdy(env):
+    """Our WINDOW_UPDATEs reach a peer that ignores them; 2 MB of stdin round-trips."""
+    srv, api, e, _ = env
+    payload = os.urandom(1 << 20) * 2
+    api.stream_urls.append(srv.get_exec(api_pb2.ExecRequest(
+        container_id="c", cmd=["cat"], stdin=True, stdout=True, stderr=True)).url)
+    r = kubectl(e, "exec", "-i", "p", "--", "cat", stdin=payload)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == payload

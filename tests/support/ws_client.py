@@ -103,11 +103,11 @@ class WSClient:
                     return
 
     def collect(self) -> dict[int, bytes]:
-        out: dict[int, bytes] = {}
+        out: dict[int, bytearray] = {}
         for ch, data in self.messages():
-            out[ch] = out.get(ch, b"") + data
+            out.setdefault(ch, bytearray()).extend(data)
         self.sock.close()
-        return out
+        return {ch: bytes(v) for ch, v in out.items()}
 
     def close(self):
         self.sock.close()

@@ -70,6 +70,10 @@ class WSChannels:
     def __init__(self, sock: socket.socket, ws: WSConnection, protocol: str, binary: bool,
                  close_signal: bool, readable: set[int], idle_timeout: float | None = None):
         self.sock, self.ws = sock, ws
+        try:   # message tails must not wait for the peer's delayed ACK (Nagle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         self.protocol = protocol
         self.binary = binary
         self.close_signal = close_signal
