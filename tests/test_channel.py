@@ -239,6 +239,26 @@ def test_dev_agent_run_attach_and_timeouts(dev_agent):
     assert e.value.kind == "Failed"
 
 
+def test_concurrent_calls_share_one_connection(dev_agent):
+    c = AgentClient(dev_agent, call_timeout=30)
+    c.wait_ready(20)
+    errors, results = [], []
+
+    def worker(n):
+        try:
+            for _ in range(10):
+                results.append(c.call("ping")["pong"])
+            results.append(c.run(["echo", str(n)])[1] == f"{n}\n".encode())
+        except Exception as e:  # collected: asserted below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and results.count(True) == 88
+
+
 def test_one_hostile_guest_does_not_affect_another(raw_server, sock_path, dev_agent):
     def garbage(conn, stop):
         conn.sendall(b"junk\n" * 1000)

@@ -191,3 +191,10 @@ def test_shutdown_powers_off(vm):
     while vm["hv"].lookup(vm["name"]) is not None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert vm["hv"].lookup(vm["name"]) is None
+
+
+def test_minimum_memory_guest_boots(guest_image, tmp_path):
+    # config.min_memory_mib is 128: the smallest VM the daemon may start must work
+    with booted_guest(guest_image, str(tmp_path), tag="min-mem", memory_mib=128) as g:
+        assert g["client"].call("info")["mem_total"] <= 128 << 20
+        assert g["client"].run(["python3", "-c", "print(6*7)"])[1] == b"42\n"
