@@ -147,6 +147,10 @@ class Connection:
         reading, then close. Half-closing first avoids an RST that could drop data
         the peer has not read yet."""
         self._send_goaway(spdy.GOAWAY_OK)
+        with self._cv:
+            streams = list(self._streams.values())
+        for s in streams:   # nobody reads them any more: keep the reader from blocking on them
+            s.discard_input()
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
