@@ -50,7 +50,7 @@ MAX_FRAME_BYTES = 16 << 20          # the 24-bit length field's own limit
 MAX_HEADER_BYTES = 1 << 20          # decompressed header block
 MAX_STREAM_BUFFER = 1 << 20         # received, not yet consumed, per stream
 WRITE_CHUNK = 16 * 1024             # DATA payload per frame we send
-FLOW_CONTROL_GRACE_S = 0.5
+FLOW_CONTROL_GRACE_S = 0.25
 
 
 def _build_dictionary() -> bytes:
