@@ -288,3 +288,40 @@ def test_guest_ignoring_the_flow_control_window_is_cut_off(raw_server, sock_path
         time.sleep(0.1)
     assert not c.connected
     assert len(p.channel.in_buffer) <= 9 << 20
+
+
+def test_dev_agent_port_forward_reaches_loopback_only(dev_agent):
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+
+    def echo_upper():
+        conn, _ = srv.accept()
+        data = b""
+        while (d := conn.recv(4096)):
+            data += d
+        conn.sendall(data.upper())
+        conn.close()
+    threading.Thread(target=echo_upper, daemon=True).start()
+    c = AgentClient(dev_agent, call_timeout=20)
+    c.wait_ready(20)
+    chan = c.open_port_forward(port)
+    chan.sendall(b"hello through the agent")
+    chan.shutdown_write()  # half-close reaches the server as EOF
+    got = b""
+    chan.settimeout(10)
+    while (d := chan.recv(4096)):
+        got += d
+    assert got == b"HELLO THROUGH THE AGENT"
+    srv.close()
+    with pytest.raises(AgentError) as e:
+        c.open_port_forward(port)  # nothing listens any more
+    assert e.value.kind == "Unavailable"
+    with pytest.raises(ValueError, match="host"):
+        c.open_port_forward(80, host="10.0.0.1")
+    # bypassing the client check: the agent itself refuses anything but its loopback
+    with pytest.raises(paramiko.ChannelException) as e:
+        c._ensure(time.monotonic() + 10).open_channel("direct-tcpip", dest_addr=("10.0.0.1", 80),
+                                                      src_addr=("127.0.0.1", 0), timeout=10)
+    assert e.value.code == paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED

@@ -125,6 +125,23 @@ def test_configure_nic_by_mac(vm):
     assert e.value.kind == "NotFound"
 
 
+def test_port_forward_into_the_guest(vm):
+    c = vm["client"]
+    server = ("import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+              "s.bind(('127.0.0.1', 8099)); s.listen(1); print('listening', flush=True); "
+              "c,_=s.accept(); c.sendall(b'guest says: ' + c.recv(100)); c.close()")
+    p = c.open_process(["python3", "-c", server])
+    assert p.recv(timeout=60) == b"listening\n"
+    chan = c.open_port_forward(8099)
+    chan.sendall(b"hi")
+    chan.settimeout(30)
+    got = b""
+    while (d := chan.recv(100)):
+        got += d
+    assert got == b"guest says: hi"
+    assert p.exit_status(30) == 0
+
+
 def test_process_survives_reconnect_and_buffered_output_arrives(vm):
     c = vm["client"]
     fp = c.host_key_fingerprint

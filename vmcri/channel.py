@@ -349,6 +349,26 @@ class AgentClient:
         chan.settimeout(None)
         return ProcessStream(chan, head, rest)
 
+    def open_port_forward(self, port: int, host: str = "127.0.0.1", timeout: float | None = None) -> paramiko.Channel:
+        """A byte stream to host:port inside the guest (a direct-tcpip channel: send/recv/
+        shutdown/close like a socket). Refused or closed ports raise AgentError."""
+        if host not in protocol.FORWARD_HOSTS:
+            raise ValueError(f"host: {host!r} is not one of {', '.join(protocol.FORWARD_HOSTS)}")
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"port: {port!r} is not a TCP port")
+        deadline = time.monotonic() + (timeout if timeout is not None else self.call_timeout)
+        t = self._ensure(deadline)
+        try:
+            return t.open_channel("direct-tcpip", dest_addr=(host, port), src_addr=("127.0.0.1", 0),
+                                  timeout=_remaining(deadline))
+        except paramiko.ChannelException as e:
+            raise AgentError(f"port-forward to {host}:{port} in the guest refused: {e.text}",
+                             "Unavailable") from e
+        except paramiko.SSHException as e:
+            if not t.is_active():
+                self._drop(str(e))
+            raise AgentError(f"port-forward to {host}:{port} failed: {e}") from e
+
     def run(self, argv: list[str], stdin: bytes | None = None, timeout: float | None = None,
             env: dict | None = None, cwd: str = "/", max_output: int | None = None) -> tuple[int, bytes, bytes]:
         """ExecSync-style: (exit code, stdout, stderr), each stream capped at max_output bytes

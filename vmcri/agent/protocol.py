@@ -14,6 +14,9 @@ Every call is one SSH session channel:
      tty, `window-change` resizes it, `signal` (RFC 4254 6.9, name without "SIG") signals
      it, and the exit code arrives as `exit-status` (128+N when killed by signal N).
 
+Port-forward (CRI PortForward) is a `direct-tcpip` channel to one of FORWARD_HOSTS and a
+port; the agent connects inside the guest and relays (EOF passed on as half-close).
+
 A process started by `run` outlives the channel: output produced while nobody is attached
 is kept (PROCESS_BUFFER_BYTES per process, oldest dropped first, counted in `dropped`),
 and `attach` with the process id resumes its stream and exit status.
@@ -39,6 +42,7 @@ MAX_ETC_FILE_BYTES = 16_384
 ETC_FILES = ("hosts", "resolv.conf", "hostname")
 
 STREAMING = frozenset({"run", "attach"})
+FORWARD_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HOST_RE = re.compile(r"^(?=.{1,64}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$")

@@ -63,6 +63,7 @@ class SessionServer(paramiko.ServerInterface):
         self._ptys: dict[int, tuple[int, int]] = {}
         self._procs: dict[int, object] = {}   # chanid -> Process, for signal/window-change
         self._chans: dict[int, Channel] = {}
+        self._forwards: dict[int, socket.socket] = {}  # chanid -> connected guest socket
         self._lock = threading.Lock()
 
     def get_allowed_auths(self, username):
@@ -75,6 +76,34 @@ class SessionServer(paramiko.ServerInterface):
         if kind == "session":
             return paramiko.OPEN_SUCCEEDED
         return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+    def check_channel_direct_tcpip_request(self, chanid, origin, destination):
+        """Port-forward: only to the guest's own loopback (what CRI PortForward means)."""
+        host, port = destination
+        if host not in protocol.FORWARD_HOSTS or not 0 < int(port) < 65536:
+            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        conn = socket.socket(family, socket.SOCK_STREAM)
+        conn.settimeout(5)
+        try:
+            conn.connect((host if host != "localhost" else "127.0.0.1", int(port)))
+        except OSError:
+            conn.close()
+            return paramiko.OPEN_FAILED_CONNECT_FAILED
+        conn.settimeout(None)
+        with self._lock:
+            self._forwards[chanid] = conn
+        return paramiko.OPEN_SUCCEEDED
+
+    def start_forward(self, chan) -> bool:
+        """Called for every accepted channel: relays it if it is a port-forward."""
+        with self._lock:
+            conn = self._forwards.pop(chan.get_id(), None)
+        if conn is None:
+            return False
+        threading.Thread(target=_relay, args=(chan, conn, True), daemon=True).start()
+        threading.Thread(target=_relay, args=(chan, conn, False), daemon=True).start()
+        return True
 
     def check_channel_pty_request(self, chan, term, width, height, pw, ph, modes):
         with self._lock:
@@ -284,14 +313,41 @@ class PortServer:
 
 
 def _serve_channels(t) -> None:
-    # channels are served from the exec callback; the references kept here matter:
-    # paramiko closes a Channel when it is garbage collected
+    # session channels are served from the exec callback, port-forwards from here; the
+    # references kept here matter: paramiko closes a Channel when it is garbage collected
     live = []
     while t.is_active():
         chan = t.accept(1.0)
         live = [c for c in live if not c.closed]
         if chan is not None:
+            t.server_object.start_forward(chan)
             live.append(chan)
+
+
+def _relay(chan, conn, to_guest: bool) -> None:
+    """One direction of a port-forward; EOF is passed on as a half-close."""
+    try:
+        while True:
+            data = chan.recv(65536) if to_guest else conn.recv(65536)
+            if not data:
+                break
+            if to_guest:
+                conn.sendall(data)
+            else:
+                chan.sendall(data)
+    except (OSError, EOFError, paramiko.SSHException):
+        pass
+    finally:
+        try:
+            if to_guest:
+                conn.shutdown(socket.SHUT_WR)
+            else:
+                chan.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+        if chan.closed or (chan.eof_received and chan.eof_sent):
+            chan.close()
+            conn.close()
 
 
 def serve_unix(agent, path: str) -> None:
