@@ -39,14 +39,17 @@ def big_image(test_images, tmp_path_factory):
     return ref, desc["config_digest"], hashlib.sha256(payload).hexdigest()
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    """PIDs whose command line contains `text` (NUL-separated argv)."""
+def _processes_mentioning(text: str, comm: str = "") -> list[int]:
+    """PIDs whose command line contains `text` (and whose executable name is `comm`)."""
     found = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if text.encode() in f.read():
+                    if text.encode() not in f.read():
+                        continue
+                with open(f"/proc/{pid}/comm") as f:
+                    if not comm or f.read().strip() == comm:
                         found.append(int(pid))
             except OSError:
                 pass
@@ -71,7 +74,8 @@ def test_killed_pull_leaves_nothing_and_retry_succeeds(tmp_path, big_image, phas
     deadline = time.monotonic() + 120
     seen = False
     while time.monotonic() < deadline and proc.poll() is None:
-        if (phase == "download" and _processes_mentioning(f"oci:{staging}/pull-")) or \
+        # "skopeo", not "setpriv": the parent-death signal is armed by then
+        if (phase == "download" and _processes_mentioning(f"oci:{staging}/pull-", "skopeo")) or \
                 (phase == "unpack" and _staging_has(staging, "layer-")):
             seen = True
             break

@@ -109,7 +109,7 @@ def test_endpoint_order_and_tls(tmp_path):
                  insecure_registries=["reg.example:5000"])
     eps = endpoints_for(cfg, parse("busybox"))
     assert [(e.host, e.tls_verify, e.mirror) for e in eps] == [
-        ("m1:5000", False, True), ("m2", True, True), ("registry-1.docker.io", True, False)]
+        ("m1:5000", False, True), ("m2", True, True), ("docker.io", True, False)]
     (ep,) = endpoints_for(cfg, parse("reg.example:5000/x/y:1"))
     assert ep.host == "reg.example:5000" and not ep.tls_verify
 

@@ -136,7 +136,7 @@ class ImageService:
         """Pull `ref`; returns the image id (sha256:<config digest>)."""
         r = reference.parse(ref)
         creds = Credentials.from_auth(auth)
-        key = (str(r), hashlib.sha256(repr(creds).encode()).hexdigest())
+        key = (str(r), creds.fingerprint() if creds else "")
         with self._inflight_lock:
             fut = self._inflight.get(key)
             owner = fut is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vmcri.config import Config
 from vmcri.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable, VmcriError
@@ -49,9 +50,14 @@ class Endpoint:
 @dataclass
 class Credentials:
     username: str = ""
-    password: str = ""
-    identity_token: str = ""
-    registry_token: str = ""
+    password: str = field(default="", repr=False)   # secrets stay out of logs
+    identity_token: str = field(default="", repr=False)
+    registry_token: str = field(default="", repr=False)
+
+    def fingerprint(self) -> str:
+        """Distinguishes credentials without keeping them readable (in-flight pull keys)."""
+        raw = "\0".join((self.username, self.password, self.identity_token, self.registry_token))
+        return hashlib.sha256(raw.encode()).hexdigest()
 
     @classmethod
     def from_auth(cls, auth: dict | None) -> "Credentials | None":
@@ -85,7 +91,7 @@ def endpoints_for(cfg: Config, ref: Reference) -> list[Endpoint]:
         host = rest.split("/", 1)[0]
         eps.append(Endpoint(host, tls_verify=(scheme == "https"), mirror=True))
     if not reg.skip_upstream or not eps:
-        upstream = "registry-1.docker.io" if ref.domain == "docker.io" else ref.domain
+        upstream = ref.domain  # skopeo itself maps docker.io to its API host
         hostname = ref.domain.rsplit(":", 1)[0] if not ref.domain.startswith("[") else ref.domain.split("]")[0] + "]"
         insecure = reg.insecure or hostname in LOOPBACK_HOSTS
         eps.append(Endpoint(upstream, tls_verify=not insecure, mirror=False))
