@@ -153,22 +153,23 @@ def pump_output(proc, io: SessionIO) -> bool:
         proc._leftover = b""
     fd = chan.fileno()
     while True:
+        # sampled before draining: data always precedes EOF, so EOF seen here plus an
+        # empty drain below means everything was read
+        at_eof = chan.eof_received or chan.closed
         moved = False
-        while chan.recv_stderr_ready():
+        if chan.recv_stderr_ready():   # one chunk each per round: neither starves the other
             data = chan.recv_stderr(READ_CHUNK)
-            if not data:
-                break
-            err(data)
-            moved = True
-        while chan.recv_ready():
+            if data:
+                err(data)
+                moved = True
+        if chan.recv_ready():
             data = chan.recv(READ_CHUNK)
-            if not data:
-                break
-            out(data)
-            moved = True
+            if data:
+                out(data)
+                moved = True
         if moved:
             continue
-        if chan.eof_received or chan.closed:
+        if at_eof:
             return True
         if io.gone.is_set():
             return False
