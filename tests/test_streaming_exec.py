@@ -253,3 +253,16 @@ def test_idle_connection_is_closed_by_the_server(backend):
         assert wait_until(lambda: backend.channels[0].proc.poll() is not None)
     finally:
         srv.stop()
+
+
+def test_stop_ends_running_sessions(backend):
+    srv = StreamingServer(Config(streaming_port=0), backend)
+    srv.start()
+    address = srv.address
+    s = spdy_client.ExecSession(exec_url(srv, ["sleep", "1000"]))
+    assert wait_until(lambda: backend.channels)
+    srv.stop()
+    assert s.wait().exit_code is None
+    assert wait_until(lambda: backend.channels[0].proc.poll() is not None)
+    with pytest.raises(OSError):
+        socket.create_connection(address, timeout=2)

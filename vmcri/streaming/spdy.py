@@ -48,7 +48,7 @@ DEFAULT_WINDOW = 64 * 1024
 MAX_WINDOW = 0x7FFFFFFF
 MAX_FRAME_BYTES = 16 << 20          # the 24-bit length field's own limit
 MAX_HEADER_BYTES = 1 << 20          # decompressed header block
-MAX_STREAM_BUFFER = 1 << 20         # received, not yet consumed, per stream
+MAX_STREAM_BUFFER = 256 * 1024     # received, not yet consumed, per stream (4 windows)
 WRITE_CHUNK = 16 * 1024             # DATA payload per frame we send
 FLOW_CONTROL_GRACE_S = 0.25
 
