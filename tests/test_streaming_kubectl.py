@@ -211,3 +211,13 @@ def test_kubectl_exec_large_stdin_over_spdy(env):
     r = kubectl(e, "exec", "-i", "p", "--", "cat", stdin=payload)
     assert r.returncode == 0, r.stderr
     assert r.stdout == payload
+
+
+def test_kubectl_attach_over_spdy(env):
+    srv, api, e, _ = env
+    api.stream_urls.append(srv.get_attach(api_pb2.AttachRequest(
+        container_id="c", stdin=True, stdout=True, stderr=True)).url)
+    r = kubectl(e, "attach", "-i", "p", stdin=b"attached by kubectl\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"attached by kubectl\n"
+    assert api.upgrades[-1][0].endswith("/attach")
