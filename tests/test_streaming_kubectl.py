@@ -221,3 +221,18 @@ def test_kubectl_attach_over_spdy(env):
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"attached by kubectl\n"
     assert api.upgrades[-1][0].endswith("/attach")
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="util-linux script not installed")
+def test_kubectl_exec_tty_sends_the_terminal_size(env):
+    """`script` gives kubectl a real terminal, so it opens the resize stream and sends its size."""
+    srv, api, e, backend = env
+    api.stream_urls.append(srv.get_exec(api_pb2.ExecRequest(
+        container_id="c", cmd=["sh", "-c", "read x; stty size; echo got $x"],
+        stdin=True, stdout=True, tty=True)).url)
+    r = subprocess.run(["script", "-qec", "stty cols 91 rows 27; kubectl exec -it p -- sh", "/dev/null"],
+                       input=b"hello\n", capture_output=True, timeout=60,
+                       env=dict(e, KUBECTL_REMOTE_COMMAND_WEBSOCKETS="false"))
+    assert r.returncode == 0, r.stdout
+    assert backend.channels[-1].resizes[:1] == [(91, 27)]
+    assert b"got hello" in r.stdout
