@@ -38,11 +38,8 @@ class Runtime:
         self._build_services()
 
     def _build_services(self) -> None:
-        try:
-            from vmcri.image.service import ImageService
-            self.images = ImageService(self.cfg, self.store)
-        except ImportError:  # TEMP until the image service lands
-            self.images = None
+        from vmcri.image.service import ImageService
+        self.images = ImageService(self.cfg, self.store)
         from vmcri.network.service import NetworkService
         self.network = NetworkService(self.cfg)
         self.metrics = Metrics()
@@ -57,6 +54,10 @@ class Runtime:
                                            events=self.events, metrics=self.metrics)
 
         self.events.build_event = self._container_event
+        from vmcri.container.container_stream import RuntimeStreamingBackend
+        from vmcri.streaming.server import StreamingServer
+        self.streaming = StreamingServer(self.cfg, RuntimeStreamingBackend(self.containers,
+                                                                            self.sandboxes))
 
     def _container_event(self, container_id: str, kind: str, created_ns: int):
         from cri_api.v1 import api_pb2 as pb
@@ -122,16 +123,8 @@ class Runtime:
 
 
 def build_server(runtime: Runtime, max_workers: int = 32) -> grpc.Server:
+    from vmcri.cri.images import ImageServicer
     from vmcri.cri.runtime import RuntimeServicer
-    try:
-        from vmcri.cri.images import ImageServicer
-    except ImportError:  # TEMP until the image service lands
-        from vmcri.cri.grpc_errors import wrap_all
-
-        class ImageServicer(pb_grpc.ImageServiceServicer):
-            def __init__(self, _svc):
-                pass
-        wrap_all(ImageServicer, pb_grpc.ImageServiceServicer, {})
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cri"),
                          options=[("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -162,6 +155,8 @@ def serve(cfg: Config) -> None:
         runtime.metrics.serve(cfg.metrics_address, cfg.metrics_port)
         log.info("metrics on http://%s:%d/metrics", cfg.metrics_address, cfg.metrics_port)
     server = build_server(runtime)
+    runtime.streaming.start()
+    log.info("streaming server on %s", runtime.streaming.base_url)
     bind_unix(server, cfg.socket_path)
     log.info("vmcri serving CRI v1 on unix://%s (accel %s: %s)", cfg.socket_path,
              runtime.accel.name, runtime.accel.reason)
@@ -175,6 +170,7 @@ def serve(cfg: Config) -> None:
     signal.signal(signal.SIGINT, on_signal)
     stop.wait()
     server.stop(grace=5).wait()
+    runtime.streaming.stop()
     runtime.close()
     try:
         os.unlink(cfg.socket_path)

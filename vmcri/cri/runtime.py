@@ -102,6 +102,16 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         self.rt.containers.reopen_log(request.container_id)
         return pb.ReopenContainerLogResponse()
 
+    # -- streaming (URLs on the streaming server) ----------------------------------
+    def Exec(self, request, context):
+        return self.rt.streaming.get_exec(request)
+
+    def Attach(self, request, context):
+        return self.rt.streaming.get_attach(request)
+
+    def PortForward(self, request, context):
+        return self.rt.streaming.get_port_forward(request)
+
     # -- stats and metrics ---------------------------------------------------------
     def ContainerStats(self, request, context):
         return pb.ContainerStatsResponse(
