@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 
-from . import pid1, protocol
+from . import pid1
 
 ETC_DIR = "/run/vmcri/etc"
 

@@ -9,7 +9,6 @@ import ctypes
 import os
 import sys
 import threading
-import time
 
 from . import protocol
 
@@ -163,7 +162,3 @@ def wait_status(reaper: Reaper, pid: int, timeout: float | None = None) -> int |
     if not ev.wait(timeout):
         return None
     return box[0]
-
-
-def monotonic_ms() -> int:
-    return int(time.monotonic() * 1000)

@@ -34,7 +34,8 @@ def spawn(argv, *, env=None, cwd="/", stdin=None, stdout=None, stderr=None, tty_
 
 
 class Process:
-    def __init__(self, pid_id: str, reaper: Reaper, argv, env, cwd, tty: bool, want_stdin: bool):
+    def __init__(self, pid_id: str, reaper: Reaper, argv, env, cwd, tty: bool, want_stdin: bool,
+                 size: tuple[int, int] | None = None):
         self.id = pid_id
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -53,6 +54,8 @@ class Process:
             full_env.setdefault("TERM", "xterm")
             master, slave = os.openpty()
             self._stdin_fd = master
+            if size is not None:  # before the child starts: it may ask for its size at once
+                self.resize(*size)
             try:
                 self.pid = spawn(argv, env=full_env, cwd=cwd, tty_fd=slave)
             finally:
@@ -115,10 +118,6 @@ class Process:
         with self._lock:
             self.status = status
             self._cond.notify_all()
-        if self.tty and self._stdin_fd is not None:
-            # the pty master reader gets EIO only when all slave holders are gone;
-            # closing our input side does not change that, it just frees the fd later
-            pass
 
     @property
     def finished(self) -> bool:
@@ -172,6 +171,7 @@ class Process:
                     with self._lock:
                         self.delivered = True
                         self._chan = None
+                    self.close_stdin()
                     return
             except Exception:
                 # host went away mid-send: keep what was not sent for the next attach
@@ -207,6 +207,15 @@ class Process:
             except OSError:
                 return
 
+    def close_stdin(self) -> None:
+        """Release our end of the process's input (pipe or pty master) once it is over."""
+        fd, self._stdin_fd = self._stdin_fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def signal(self, name: str) -> None:
         sig = getattr(signal, "SIG" + protocol.check_signal(name))
         try:
@@ -229,7 +238,7 @@ class ProcessTable:
         self._procs: dict[str, Process] = {}
         self._seq = 0
 
-    def start(self, params: dict) -> Process:
+    def start(self, params: dict, size: tuple[int, int] | None = None) -> Process:
         with self._lock:
             self._gc()
             pid_id = params.get("id")
@@ -241,7 +250,7 @@ class ProcessTable:
             self._procs[pid_id] = None  # reserve
         try:
             proc = Process(pid_id, self.reaper, params["argv"], params["env"], params["cwd"],
-                           params["tty"], params["stdin"])
+                           params["tty"], params["stdin"], size)
         except BaseException:
             with self._lock:
                 self._procs.pop(pid_id, None)
@@ -260,7 +269,7 @@ class ProcessTable:
             del self._procs[k]
         finished = [k for k, p in self._procs.items() if p is not None and p.finished]
         for k in finished[: max(0, len(finished) - MAX_FINISHED_KEPT)]:
-            del self._procs[k]
+            self._procs.pop(k).close_stdin()
 
     def kill_all(self) -> None:
         with self._lock:

@@ -179,13 +179,11 @@ class SessionServer(paramiko.ServerInterface):
             if size is not None:
                 params = dict(params, tty=True)
             try:
-                proc = procs.start(params)
+                proc = procs.start(params, size)
             except FileExistsError as e:
                 return self._fail(chan, "AlreadyExists", str(e))
             except (OSError, ValueError) as e:
                 return self._fail(chan, "Failed", f"starting {params['argv'][0]!r}: {e}")
-            if size is not None:
-                proc.resize(*size)
             with_stdin = params["stdin"] or params["tty"]
         else:
             proc = procs.get(params["id"])
