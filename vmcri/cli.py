@@ -57,7 +57,8 @@ def cmd_doctor(args) -> int:
 def cmd_demo(args) -> int:
     cfg = _load(args)
     from vmcri import demo
-    return demo.main(cfg, socket=args.socket or cfg.socket_path, html=args.html, keep=args.keep)
+    return demo.main(cfg, socket=args.socket or cfg.socket_path, html=args.html, keep=args.keep,
+                     image=args.image, json_path=args.json)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--socket", help="CRI socket of a running vmcri")
     d.add_argument("--html", default="vmcri-demo.html", help="where to write the HTML report")
     d.add_argument("--keep", action="store_true", help="leave the demo pods running")
+    d.add_argument("--image", help="container image to run (default: a busybox image the demo "
+                   "builds and serves from a throwaway registry on 127.0.0.1)")
+    d.add_argument("--json", help="also write the report's facts as JSON here")
     d.set_defaults(fn=cmd_demo)
     args = p.parse_args(argv)
     return args.fn(args)

@@ -1,0 +1,82 @@
+"""`vmcri demo` end to end: the CLI against a real daemon, real VMs, a real registry."""
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+from cri_api.v1 import api_pb2 as pb
+
+from vmcri import config, demo_image
+
+
+def _listening(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, int(port))) == 0
+
+
+@pytest.mark.registry
+def test_demo_image_is_served_and_the_registry_goes_away():
+    reg, ref = demo_image.serve_busybox(config.Config(), log=lambda *_: None)
+    try:
+        manifest = json.load(urllib.request.urlopen(urllib.request.Request(
+            f"http://{reg.address}/v2/{demo_image.REPO}/manifests/{demo_image.TAG}",
+            headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})))
+        assert ref == f"{reg.address}/{demo_image.REPO}:{demo_image.TAG}"
+        assert len(manifest["layers"]) == 1
+    finally:
+        reg.stop()
+    assert reg.proc.poll() is not None and not os.path.exists(reg.workdir)
+    assert not _listening(reg.address)
+
+
+def test_demo_without_a_daemon_fails_clearly(tmp_path):
+    sock = tmp_path / "nothing.sock"
+    r = subprocess.run([sys.executable, "-m", "vmcri.cli", "--config", "/dev/null", "demo",
+                        "--socket", str(sock), "--html", str(tmp_path / "r.html"),
+                        "--image", "127.0.0.1:1/none:1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert f"no CRI server answers on {sock}" in r.stdout
+    assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.vm
+@pytest.mark.registry
+def test_demo_shows_vm_isolation_and_cleans_up(daemon_factory, tmp_path):
+    d = daemon_factory('cni_conf_dir = ""')
+    html_path, json_path = tmp_path / "demo.html", tmp_path / "demo.json"
+    r = subprocess.run([sys.executable, "-m", "vmcri.cli", "--config", d.config_path, "demo",
+                        "--socket", d.socket, "--html", str(html_path), "--json", str(json_path)],
+                       capture_output=True, text=True, timeout=900)
+    print(r.stdout[-6000:], r.stderr[-3000:])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + d.log()[-3000:]
+    rep = json.loads(json_path.read_text())
+    a, b = rep["pods"]
+    host = rep["host"]
+    # each pod is its own kernel instance, and not the host's
+    assert a["view"]["kernel"] != platform.release()
+    assert len({a["view"]["boot_id"], b["view"]["boot_id"], host["boot_id"]}) == 3
+    assert f"sleep {a['marker']}" in a["view"]["pid1"]
+    assert a["view"]["mem_mib"] < host["mem_mib"]
+    assert not any(a["marker"] in line for line in b["view"]["processes"])
+    assert all(c["passed"] for c in rep["checks"]), rep["checks"]
+    assert "running" in a["dominfo"]
+    page = html_path.read_text()
+    assert a["domain"] and a["domain"] in page and b["domain"] in page
+    assert "all checks passed" in page and "all checks passed" in r.stdout
+    # nothing left behind: pods, domains, the throwaway registry
+    assert rep["cleaned_up"]
+    left = d.runtime.ListPodSandbox(pb.ListPodSandboxRequest(filter=pb.PodSandboxFilter(
+        label_selector={"app": "vmcri-demo"}))).items
+    assert left == []
+    domains = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert a["domain"] not in domains and b["domain"] not in domains
+    assert rep["registry"] and not _listening(rep["registry"])
+    images = d.image.ListImages(pb.ListImagesRequest()).images
+    assert not any(rep["image"] in t for i in images for t in i.repo_tags)
