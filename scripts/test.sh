@@ -7,6 +7,8 @@ cd "$here"
 bash scripts/install-deps.sh --test
 bash scripts/start-libvirt.sh
 VENV=${VMCRI_VENV:-/opt/vmcri/venv}
-export VMCRI_TEST_GUEST_DIR=${VMCRI_TEST_GUEST_DIR:-/var/lib/vmcri/guest/current}
+# One guest image for the whole run: the one `vmcri image build` keeps under /var/lib/vmcri.
+export VMCRI_TEST_GUEST_ROOT=${VMCRI_TEST_GUEST_ROOT:-/var/lib/vmcri}
+export VMCRI_TEST_GUEST_DIR=${VMCRI_TEST_GUEST_DIR:-$VMCRI_TEST_GUEST_ROOT/guest/current}
 "$VENV/bin/vmcri" image build
 exec "$VENV/bin/python" -m pytest -ra -p no:cacheprovider "$@"
