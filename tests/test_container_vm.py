@@ -220,3 +220,12 @@ def test_unknown_container_ids(env):
             call(req)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
     d.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id="e" * 64))
+
+
+def test_image_in_use_cannot_be_removed(env, sleeper):
+    with pytest.raises(grpc.RpcError) as e:
+        env[0].image.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=env[3].multi.ref)))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert sleeper[:12] in e.value.details()
+    st = env[0].image.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=env[3].multi.ref)))
+    assert st.image.id == env[3].multi.image_id

@@ -72,6 +72,7 @@ def test_run_pod_sandbox_is_a_running_vm(vm_daemon, pod):
     assert info["vm"]["running"] is True
     assert info["vm"]["accel"] == "tcg"
     assert info["vm"]["qemuPid"] > 1
+    assert info["vmCost"]["qemuVmRSSKiB"] > 0 and info["vmCost"]["cpuTimeNs"] > 0
     # the agent answered and the guest was configured, phase by phase
     for phase in ("prepare", "define", "agent", "configure", "total"):
         assert info["timings"][phase] >= 0

@@ -130,6 +130,8 @@ class ImageService:
         self.pulls_done = 0          # pulls that really ran (not joined); for tests/metrics
         self.last_phases: dict[str, float] = {}   # seconds per phase of the last pull
         self._usage: tuple[float, int, tuple[int, int]] | None = None
+        # fn(image_id) -> ids of containers whose rootfs uses it; set by the daemon
+        self.users_of = None
 
     # -- pull ---------------------------------------------------------------------
     def pull(self, ref: str, auth: dict | None = None, sandbox_config=None) -> str:
@@ -403,6 +405,11 @@ class ImageService:
         image_id = self._find_id(ref)
         if image_id is None:
             return
+        users = self.users_of(image_id) if self.users_of is not None else []
+        if users:
+            # Its layers are the lower dirs of live overlay mounts (CRI-O refuses too).
+            raise FailedPrecondition(f"image {image_id} is in use by container(s) "
+                                     f"{', '.join(u[:12] for u in users[:5])}")
         self.store.delete_image(image_id)
         log.info("removed image %s (asked as %s)", image_id, ref)
 

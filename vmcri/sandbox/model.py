@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     network       TEXT NOT NULL DEFAULT '{}', -- ips, interfaces, routes from CNI
     resources     TEXT NOT NULL DEFAULT '{}', -- vcpus, memory_mib, accel
     timings       TEXT NOT NULL DEFAULT '{}', -- phase -> seconds
-    reason        TEXT NOT NULL DEFAULT ''
+    reason        TEXT NOT NULL DEFAULT '',
+    host_key      TEXT NOT NULL DEFAULT ''  -- agent SSH host key, pinned across daemon restarts
 );
 CREATE UNIQUE INDEX IF NOT EXISTS sandboxes_name
     ON sandboxes(name, namespace, uid, attempt);
@@ -52,6 +53,7 @@ class SandboxRecord:
     resources: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     reason: str = ""
+    host_key: str = ""
 
     @property
     def short_id(self) -> str:
@@ -66,7 +68,7 @@ class SandboxRecord:
                    labels=loads(row["labels"], {}), annotations=loads(row["annotations"], {}),
                    netns=row["netns"], network=loads(row["network"], {}),
                    resources=loads(row["resources"], {}), timings=loads(row["timings"], {}),
-                   reason=row["reason"])
+                   reason=row["reason"], host_key=row["host_key"])
 
 
 class SandboxTable:

@@ -13,6 +13,7 @@ import time
 import libvirt
 from cri_api.v1 import api_pb2 as pb
 
+from vmcri.container.ocispec import sandbox_sysctls
 from vmcri.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from vmcri.sandbox import designer, hostfs
 from vmcri.sandbox.domain import render_domain
@@ -53,6 +54,11 @@ def validate(config: pb.PodSandboxConfig) -> None:
         for i, value in enumerate(getattr(config.dns_config, field)):
             if not value or any(c.isspace() for c in value):
                 raise InvalidArgument(f"config.dns_config.{field}[{i}]: {value!r} is not valid")
+    from vmcri.agent import protocol
+    try:
+        protocol.validate("set_sysctls", {"sysctls": dict(config.linux.sysctls)})
+    except protocol.ProtocolError as e:
+        raise InvalidArgument(f"config.linux.{e}") from None
 
 
 def _guest_image(svc):
@@ -155,13 +161,21 @@ def run_pod_sandbox(svc, config: pb.PodSandboxConfig, runtime_handler: str = "")
                 _configure_guest(client, hostname, ips, config.dns_config, net)
             except AgentError as e:
                 raise Unavailable(f"configuring the guest failed: {e}") from e
+            sysctls = sandbox_sysctls(config)  # guest-wide: the VM is the pod
+            if sysctls:
+                try:
+                    client.call("set_sysctls", sysctls=sysctls)
+                except AgentError as e:
+                    err = InvalidArgument if e.kind == "InvalidArgument" else Unavailable
+                    raise err(f"config.linux.sysctls: setting them in the guest failed: {e}") from e
             t = phase("configure", t)
         except BaseException:
             log.warning("RunPodSandbox %s (%s/%s) failed; rolling back", sandbox_id[:12],
                         md.namespace, md.name)
             raise
         timings["total"] = round(time.monotonic() - t_start, 4)
-        svc.table.update(sandbox_id, state=READY, timings=timings)
+        svc.table.update(sandbox_id, state=READY, timings=timings,
+                         host_key=client.host_key_fingerprint or "")
         svc.set_agent(sandbox_id, client)
         undo.pop_all()
     log.info("pod %s/%s is VM %s, ready in %.2fs %s", md.namespace, md.name, rec.domain,

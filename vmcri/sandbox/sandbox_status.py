@@ -40,6 +40,7 @@ def verbose_info(svc, rec: SandboxRecord) -> dict[str, str]:
                "vcpus": rec.resources.get("vcpus"), "memoryMiB": rec.resources.get("memory_mib"),
                "sizing": rec.resources.get("sizing"), "qemuPid": svc.hv.pid(rec.domain),
                "running": svc.hv.is_running(rec.domain)},
+        "vmCost": svc.hv.cost(rec.domain),
         "consoleLog": paths.console_log,
         "shareDir": paths.share_dir,
         "agentSocket": paths.agent_socket,

@@ -73,6 +73,8 @@ class SandboxService:
             if client is None:
                 client = AgentClient(self.paths(rec.id).agent_socket,
                                      call_timeout=self.cfg.agent_timeout_s)
+                # a VM whose key changed behind our back is not the VM we booted
+                client.host_key_fingerprint = rec.host_key or None
                 self._agents[rec.id] = client
             return client
 

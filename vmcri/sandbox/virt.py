@@ -88,6 +88,28 @@ class Hypervisor:
         except (OSError, ValueError):
             return None
 
+    def cost(self, name: str) -> dict:
+        """What the VM costs the host: guest CPU time from libvirt, qemu's RSS from /proc."""
+        out: dict = {}
+        dom = self.lookup(name)
+        if dom is not None:
+            try:
+                _state, max_kib, mem_kib, vcpus, cpu_ns = dom.info()
+                out.update(cpuTimeNs=cpu_ns, memoryKiB=mem_kib, maxMemoryKiB=max_kib, vcpus=vcpus)
+            except libvirt.libvirtError:
+                pass
+        pid = self.pid(name)
+        if pid:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith(("VmRSS:", "RssAnon:", "RssFile:")):
+                            key, value = line.split(":", 1)
+                            out[f"qemu{key}KiB"] = int(value.split()[0])
+            except (OSError, ValueError):
+                pass
+        return out
+
     def list_vmcri_domains(self) -> dict[str, SandboxMeta]:
         """Every domain carrying vmcri metadata, by domain name."""
         out: dict[str, SandboxMeta] = {}
