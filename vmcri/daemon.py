@@ -30,7 +30,7 @@ class Runtime:
         for d in (cfg.root_dir, cfg.run_dir):
             os.makedirs(d, mode=0o711, exist_ok=True)
         self.store = Store(cfg.db_path)
-        self.hv = Hypervisor(cfg.libvirt_uri)
+        self.hv = Hypervisor(cfg.libvirt_uri, watch_events=True)
         self.accel = accel.choose(cfg.accel)
         self.pod_cidr = ""
         self.images = None

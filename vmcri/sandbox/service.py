@@ -37,6 +37,14 @@ class SandboxService:
         self.on_stop: list = []    # before the VM goes (stop containers)
         self.on_remove: list = []  # before the rows go (remove containers)
         self.on_vm_gone: list = []  # the VM died under us (mark containers exited)
+        hv.on_domain_stopped.append(self._domain_stopped)
+
+    def _domain_stopped(self, domain: str) -> None:
+        """libvirt says a domain stopped: if we did not stop it, the pod is NOTREADY now,
+        not at the kubelet's next status poll."""
+        for rec in self.table.all():
+            if rec.domain == domain and rec.state == "READY":
+                self.refresh(rec)
 
     # -- lookup ---------------------------------------------------------------
     def lock(self, sandbox_id: str) -> threading.Lock:

@@ -18,14 +18,42 @@ def _silence_libvirt_stderr(_ctx, _err):
 
 libvirt.registerErrorHandler(_silence_libvirt_stderr, None)
 
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def _start_event_loop() -> None:
+    """libvirt delivers domain lifecycle events only to a running event loop, which
+    must be registered before the first connection is opened."""
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run():
+            while True:
+                try:
+                    libvirt.virEventRunDefaultImpl()
+                except Exception:
+                    log.exception("libvirt event loop iteration failed")
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
 
 class Hypervisor:
     """One libvirt connection, reopened when it drops."""
 
-    def __init__(self, uri: str = "qemu:///system"):
+    def __init__(self, uri: str = "qemu:///system", watch_events: bool = False):
         self.uri = uri
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
+        # fn(domain_name) called when a domain stops for any reason
+        self.on_domain_stopped: list = []
+        self._watch = watch_events
+        if watch_events:
+            _start_event_loop()
 
     def conn(self) -> libvirt.virConnect:
         with self._lock:
@@ -36,7 +64,23 @@ class Hypervisor:
                 except libvirt.libvirtError:
                     pass
             self._conn = libvirt.open(self.uri)
+            if self._watch:
+                self._conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
             return self._conn
+
+    def _lifecycle(self, _conn, dom, event, _detail, _opaque) -> None:
+        if event not in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_CRASHED):
+            return
+        try:
+            name = dom.name()
+        except libvirt.libvirtError:
+            return
+        if not name.startswith(DOMAIN_PREFIX):
+            return
+        for fn in self.on_domain_stopped:
+            # never block the event loop: the handler takes sandbox locks
+            threading.Thread(target=fn, args=(name,), name="vm-stopped", daemon=True).start()
 
     def ping(self) -> str:
         """Raises libvirt.libvirtError when libvirtd is unreachable; returns the hypervisor version."""
