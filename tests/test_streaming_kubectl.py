@@ -174,15 +174,18 @@ def test_kubectl_exec_large_output_over_spdy(env):
     assert r.returncode == 0 and len(r.stdout) == 2000000, r.stderr
 
 
-def test_kubectl_port_forward_over_spdy(env):
+@pytest.mark.parametrize("transport", ["spdy", "websocket"])
+def test_kubectl_port_forward(env, transport):
     srv, api, e, backend = env
+    if transport == "websocket" and kubectl_minor() < 31:
+        pytest.skip("kubectl before 1.31 has no WebSocket port-forward")
     echo = EchoServer()
     try:
         api.stream_urls.append(srv.get_port_forward(api_pb2.PortForwardRequest(pod_sandbox_id="pod1")).url)
         local = socket.create_server(("127.0.0.1", 0))
         lport = local.getsockname()[1]
         local.close()
-        pf_env = dict(e, KUBECTL_PORT_FORWARD_WEBSOCKETS="false")
+        pf_env = dict(e, KUBECTL_PORT_FORWARD_WEBSOCKETS="true" if transport == "websocket" else "false")
         proc = subprocess.Popen(["kubectl", "port-forward", "pod/p", f"{lport}:{echo.port}"], env=pf_env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
@@ -198,6 +201,7 @@ def test_kubectl_port_forward_over_spdy(env):
             proc.terminate()
             proc.wait(10)
         assert backend.dialed == [echo.port] * 3
+        assert api.upgrades[-1][1].lower() == ("spdy/3.1" if transport == "spdy" else "websocket")
     finally:
         echo.close()
 

@@ -151,3 +151,19 @@ def test_port_forward_backend_failure_goes_to_the_error_channel(server):
     out = WSClient(url, ["v4.channel.k8s.io"]).collect()
     assert out[1].startswith(struct.pack("<H", 1))
     assert b"error forwarding port 1" in out[1]
+
+
+def test_spdy_tunnelled_through_websocket_port_forward(server, echo):
+    """client-go's SPDYOverWebsocketDialer (crictl --transport websocket, kubectl 1.31+)."""
+    from tests.support.spdy_client import PortForwardClient
+    from vmcri.streaming.spdy_session import Connection
+    from vmcri.streaming.websocket import WSByteStream
+    url = server.get_port_forward(api_pb2.PortForwardRequest(pod_sandbox_id="pod1")).url
+    c = WSClient(url, ["SPDY/3.1+portforward.k8s.io"])
+    assert c.protocol == "SPDY/3.1+portforward.k8s.io"
+    c.sock.settimeout(None)
+    conn = Connection(WSByteStream(c.sock, c.ws), server=False, name="tunnel-client").start()
+    with PortForwardClient(conn) as pf:
+        payload = bytes(range(256)) * 1000
+        assert pf.roundtrip(echo.port, payload) == (payload, b"")
+        assert pf.roundtrip(echo.port, b"second pair") == (b"second pair", b"")

@@ -247,7 +247,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         supported = websocket.PORTFORWARD_PROTOCOLS if kind == "portforward" else websocket.EXEC_PROTOCOLS
         ports: list[int] = []
-        if kind == "portforward":
+        tunnel = websocket.choose_protocol(_offered(self.headers, "Sec-WebSocket-Protocol"),
+                                           supported) == websocket.SPDY_TUNNEL_PORTFORWARD
+        if kind == "portforward" and not tunnel:
             try:
                 ports = list(req.port) or [portforward.parse_port(p) for p in parse_qs(query).get("port", [])]
             except ValueError as e:
@@ -263,6 +265,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         ws, protocol = accepted
         srv = self.streaming
+        if kind == "portforward" and protocol == websocket.SPDY_TUNNEL_PORTFORWARD:
+            stream = websocket.WSByteStream(self.connection, ws)
+            portforward.serve_spdy(srv.spdy_connection(stream, f"pf-tunnel-{self.client_address[1]}"),
+                                   srv.backend, req.pod_sandbox_id, list(req.port), srv.stream_creation_timeout)
+            return
         if kind == "portforward":
             websocket.serve_port_forward(self.connection, ws, protocol, srv.backend, req.pod_sandbox_id,
                                          ports, srv.idle_timeout)

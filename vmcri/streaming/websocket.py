@@ -45,10 +45,14 @@ EXEC_PROTOCOLS = {
     BASE64: (False, False, False),
     "": (True, False, False),
 }
+# SPDY tunnelled through WebSocket binary messages (client-go's SPDYOverWebsocketDialer,
+# used by `crictl port-forward --transport websocket` and kubectl 1.31+)
+SPDY_TUNNEL_PORTFORWARD = "SPDY/3.1+" + PF_PROTOCOL
 PORTFORWARD_PROTOCOLS = {
     rc.V4: (True, False, False),
     V4_BASE64: (False, False, False),
     PF_PROTOCOL: (True, False, False),
+    SPDY_TUNNEL_PORTFORWARD: (True, False, False),
     "": (True, False, False),
 }
 STDIN, STDOUT, STDERR, ERROR, RESIZE = range(5)
@@ -274,3 +278,66 @@ def serve_port_forward(sock, ws, protocol: str, backend, sandbox_id: str, ports:
             t.join(1.0)
     ch.close()
     close_all(backends)
+
+
+class WSByteStream:
+    """A socket-like byte stream over binary WebSocket messages, for a SPDY connection
+    tunnelled through WebSocket: message boundaries mean nothing, text is refused."""
+
+    def __init__(self, sock: socket.socket, ws: WSConnection):
+        self.sock, self.ws = sock, ws
+        self._buf = bytearray()
+        self._eof = False
+        self._wlock = threading.Lock()
+
+    def settimeout(self, t) -> None:
+        self.sock.settimeout(t)
+
+    def setsockopt(self, *args) -> None:
+        self.sock.setsockopt(*args)
+
+    def recv(self, n: int) -> bytes:
+        while not self._buf and not self._eof:
+            data = self.sock.recv(65536)
+            try:
+                self.ws.receive_data(data or None)
+                events = list(self.ws.events())
+            except RemoteProtocolError as e:
+                raise ConnectionError(f"websocket: {e}") from e
+            for ev in events:
+                if isinstance(ev, BytesMessage):
+                    self._buf += ev.data
+                elif isinstance(ev, TextMessage):
+                    raise ConnectionError("websocket: text message in a SPDY tunnel")
+                elif isinstance(ev, Ping):
+                    with self._wlock:
+                        self.sock.sendall(self.ws.send(ev.response()))
+                elif isinstance(ev, CloseConnection):
+                    with self._wlock:
+                        if self.ws.state == ConnectionState.REMOTE_CLOSING:
+                            self.sock.sendall(self.ws.send(ev.response()))
+                    self._eof = True
+            if not data:
+                self._eof = True
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def sendall(self, data: bytes) -> None:
+        with self._wlock:
+            if self.ws.state != ConnectionState.OPEN:
+                raise ConnectionError("websocket closed")
+            self.sock.sendall(self.ws.send(BytesMessage(data=bytes(data))))
+
+    def shutdown(self, how: int) -> None:
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            with self._wlock:
+                if self.ws.state == ConnectionState.OPEN:
+                    try:
+                        self.sock.sendall(self.ws.send(CloseConnection(code=1000)))
+                    except (OSError, LocalProtocolError):
+                        pass
+        self.sock.shutdown(how)
+
+    def close(self) -> None:
+        self.sock.close()
