@@ -17,7 +17,8 @@ from vmcri.cri.grpc_errors import stream, wrap_all
 
 PENDING = {
     # RPC -> why it is not there yet; each answers UNIMPLEMENTED with this text.
-    "CheckpointContainer": "checkpointing a VM sandbox's container is not supported",
+    "CheckpointContainer": "checkpointing a container inside a pod VM is not supported",
+    "UpdatePodSandboxResources": "live resizing of pod VMs (vCPU/memory hotplug) is not built yet",
 }
 
 
