@@ -266,3 +266,23 @@ def test_stop_ends_running_sessions(backend):
     assert wait_until(lambda: backend.channels[0].proc.poll() is not None)
     with pytest.raises(OSError):
         socket.create_connection(address, timeout=2)
+
+
+def test_ipv6_listen_address(backend):
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    srv = StreamingServer(Config(streaming_address="::1", streaming_port=0), backend)
+    srv.start()
+    try:
+        assert srv.base_url.startswith("http://[::1]:")
+        assert spdy_client.exec_url(exec_url(srv, ["echo", "v6"])).stdout == b"v6\n"
+    finally:
+        srv.stop()
+
+
+def test_port_in_use_fails_start(backend, server):
+    other = StreamingServer(Config(streaming_port=server.address[1]), backend)
+    with pytest.raises(OSError):
+        other.start()

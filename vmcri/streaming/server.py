@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -44,21 +45,10 @@ class StreamingServer:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         handler = type("BoundHandler", (_Handler,), {"streaming": self})
-        httpd = ThreadingHTTPServer((self.cfg.streaming_address, self.cfg.streaming_port), handler,
-                                    bind_and_activate=False)
-        if ":" in self.cfg.streaming_address:
-            httpd.address_family = socket.AF_INET6
-            httpd.socket = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        httpd.daemon_threads = True
-        httpd.allow_reuse_address = True
-        try:
-            httpd.server_bind()
-            httpd.server_activate()
-        except OSError:
-            httpd.server_close()
-            raise
-        self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.5},
+        family = socket.AF_INET6 if ":" in self.cfg.streaming_address else socket.AF_INET
+        server_cls = type("StreamingHTTPServer", (_HTTPServer,), {"address_family": family})
+        self._httpd = server_cls((self.cfg.streaming_address, self.cfg.streaming_port), handler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="streaming-http", daemon=True)
         self._thread.start()
         log.info("streaming server listening on %s", self.base_url)
@@ -143,6 +133,16 @@ class StreamingServer:
             return Connection(sock, server=True, on_stream=on_stream,
                               idle_timeout=self.idle_timeout, name=name).start()
         return factory
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def server_bind(self):
+        # HTTPServer.server_bind looks up the FQDN of the address: a DNS wait for nothing
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
 
 def _offered(headers, name: str) -> list[str]:
