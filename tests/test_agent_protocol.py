@@ -19,6 +19,12 @@ def test_every_method_round_trips_through_the_command_string():
                           "routes": [{"dst": "default", "gw": "10.88.0.1"}, {"dst": "10.0.0.0/8"}], "mtu": 1500},
         "run": {"argv": ["sh", "-c", "echo hi"], "env": {"A": "1"}, "cwd": "/tmp", "tty": True, "id": "x-1"},
         "attach": {"id": "x-1"},
+        # containers: more cases in tests/test_agent_containers.py
+        "container_create": {"id": "c1", "bundle": protocol.container_bundle("c1"), "tty": True},
+        "container_start": {"id": "c1"}, "container_state": {"id": "c1"},
+        "container_kill": {"id": "c1", "signal": "TERM"}, "container_delete": {"id": "c1"},
+        "container_stats": {"id": "c1"}, "sandbox_stats": {},
+        "set_sysctls": {"sysctls": {"net.ipv4.ip_forward": "1"}},
     }
     assert set(samples) == set(protocol.METHODS)
     for method, params in samples.items():

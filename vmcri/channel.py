@@ -341,8 +341,11 @@ class AgentClient:
         chan.settimeout(None)
         return ProcessStream(chan, head, rest)
 
-    def attach(self, id: str, stdin: bool = False, timeout: float | None = None) -> ProcessStream:
-        command = protocol.encode_request("attach", {"id": id, "stdin": stdin})
+    def attach(self, id: str, stdin: bool = False, live: bool = False,
+               timeout: float | None = None) -> ProcessStream:
+        """Resume a process's stream. `live` (containers only): output from now on, never
+        the replay buffer that the log pump consumes."""
+        command = protocol.encode_request("attach", {"id": id, "stdin": stdin, "live": live})
         deadline = time.monotonic() + (timeout if timeout is not None else self.call_timeout)
         chan = self._open(command, deadline)
         head, rest = self._read_head(chan, deadline)

@@ -69,9 +69,9 @@ def load_handlers() -> dict:
     A new family of calls (e.g. containers via crun) is a new `handlers_<area>.py` with a
     HANDLERS dict, listed here, plus its validators in protocol.METHODS.
     """
-    from . import handlers_system
+    from . import handlers_container, handlers_system
     handlers = {}
-    for mod in (handlers_system,):
+    for mod in (handlers_system, handlers_container):
         clash = set(handlers) & set(mod.HANDLERS)
         if clash:
             raise RuntimeError(f"handler registered twice: {sorted(clash)}")
@@ -132,7 +132,7 @@ def dev_main(path: str) -> None:
     agent.late_modules_done.set()
     agent.procs = procs.ProcessTable(agent.reaper)
     agent.handlers = {k: v for k, v in load_handlers().items()
-                      if k not in ("set_hostname", "configure_nic", "write_etc")}
+                      if k not in ("set_hostname", "configure_nic", "write_etc", "set_sysctls")}
     agent.handlers["shutdown"] = lambda agent, params: (threading.Timer(0.2, os._exit, (0,)).start(),
                                                         {"powering_off": True})[1]
     server.serve_unix(agent, path)

@@ -259,6 +259,17 @@ class ProcessTable:
             self._procs[pid_id] = proc
         return proc
 
+    def adopt(self, entry) -> None:
+        """Register an entry made elsewhere (a container) under its own id."""
+        with self._lock:
+            if entry.id in self._procs:
+                raise FileExistsError(f"id: process {entry.id!r} already exists")
+            self._procs[entry.id] = entry
+
+    def forget(self, pid_id: str) -> None:
+        with self._lock:
+            self._procs.pop(pid_id, None)
+
     def get(self, pid_id: str) -> Process | None:
         with self._lock:
             return self._procs.get(pid_id)

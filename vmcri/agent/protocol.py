@@ -205,7 +205,52 @@ def _run(p):
 
 
 def _attach(p):
-    return {"id": check_id("id", p.get("id")), "stdin": _bool("stdin", p.get("stdin", False))}
+    # live: output from now on only, leaving the replay buffer to the log pump (containers)
+    return {"id": check_id("id", p.get("id")), "stdin": _bool("stdin", p.get("stdin", False)),
+            "live": _bool("live", p.get("live", False))}
+
+
+# -- containers (crun in the guest; handlers in handlers_container.py) ----------------
+
+_SYSCTL_RE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)+$")
+
+
+def container_bundle(container_id: str) -> str:
+    """The only bundle a container may use: its dir in the host-shared 9p mount."""
+    return f"{SHARE_MOUNT}/containers/{container_id}"
+
+
+def _container_id(p):
+    return {"id": check_id("id", p.get("id"))}
+
+
+def _container_create(p):
+    cid = check_id("id", p.get("id"))
+    bundle = _str("bundle", p.get("bundle"), 4096)
+    if bundle.rstrip("/") != container_bundle(cid):
+        raise ProtocolError(f"bundle: must be {container_bundle(cid)!r}, got {bundle[:200]!r}")
+    return {"id": cid, "bundle": container_bundle(cid), "tty": _bool("tty", p.get("tty", False)),
+            "stdin": _bool("stdin", p.get("stdin", False)),
+            "stdin_once": _bool("stdin_once", p.get("stdin_once", False))}
+
+
+def _container_kill(p):
+    return {"id": check_id("id", p.get("id")), "signal": check_signal(p.get("signal", "KILL"))}
+
+
+def _set_sysctls(p):
+    sysctls = p.get("sysctls")
+    if not isinstance(sysctls, dict) or len(sysctls) > 256:
+        raise ProtocolError("sysctls: expected an object of at most 256 name -> value")
+    out = {}
+    for name, value in sysctls.items():
+        if len(name) > 256 or not _SYSCTL_RE.match(name) or ".." in name:
+            raise ProtocolError(f"sysctls.{name[:80]}: not a sysctl name ([a-z0-9_] parts joined by '.')")
+        value = _str(f"sysctls.{name}", value, 4096, allow_empty=True)
+        if "\n" in value:
+            raise ProtocolError(f"sysctls.{name}: value contains a newline")
+        out[name] = value
+    return {"sysctls": out}
 
 
 METHODS = {
@@ -217,6 +262,14 @@ METHODS = {
     "run": _run,
     "attach": _attach,
     "shutdown": _no_params,
+    "container_create": _container_create,
+    "container_start": _container_id,
+    "container_kill": _container_kill,
+    "container_state": _container_id,
+    "container_delete": _container_id,
+    "container_stats": _container_id,
+    "sandbox_stats": _no_params,
+    "set_sysctls": _set_sysctls,
 }
 
 

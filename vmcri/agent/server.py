@@ -189,6 +189,8 @@ class SessionServer(paramiko.ServerInterface):
             proc = procs.get(params["id"])
             if proc is None or proc.delivered:
                 return self._fail(chan, "NotFound", f"id: no process {params['id']!r}")
+            if params["live"] and not getattr(proc, "supports_live", False):
+                return self._fail(chan, "InvalidArgument", "live: only a container can be attached live")
             with_stdin = params["stdin"]
         with self._lock:
             # forget closed channels so a long-lived connection does not pin old processes
@@ -200,7 +202,10 @@ class SessionServer(paramiko.ServerInterface):
             self._chans[chan.get_id()] = chan
         head = {"id": proc.id, "pid": proc.pid, "dropped": proc.dropped, "exited": proc.status is not None}
         chan.sendall(protocol.encode_reply(head))
-        proc.attach(chan, with_stdin)
+        if method == "attach" and params["live"]:
+            proc.attach(chan, with_stdin, live=True)
+        else:
+            proc.attach(chan, with_stdin)
 
     def _fail(self, chan, kind, msg):
         chan.sendall(protocol.encode_reply(error=(kind, msg)))

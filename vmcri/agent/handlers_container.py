@@ -1,0 +1,583 @@
+"""Container calls: crun in the guest, one process-table entry per container.
+
+`container_create` runs `crun create` with the container's stdio (pipes, or a pty whose
+master crun hands back over the console socket); crun exits and the container's init is
+reparented to the agent, whose reaper records the init's status against the entry (crun's
+own exit is only the create result). The entry streams the output to attachers:
+- the log pump (`attach` without `live`) drains a bounded replay buffer: output made while
+  the host is away is delivered on its next attach, once;
+- `live` attachers (kubectl attach) each get their own bounded queue of output from the
+  moment they attach, and never touch the replay buffer.
+Every attacher gets the init's exit status (128+N for signal N) as SSH exit-status.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import termios
+import threading
+import time
+
+from . import pid1, protocol
+from .handlers_system import AgentCallError
+
+STATE_DIR = os.environ.get("VMCRI_AGENT_STATE_DIR", "/run/vmcri/containers")
+SHARE_MOUNT = os.environ.get("VMCRI_AGENT_SHARE_MOUNT", protocol.SHARE_MOUNT)
+CGROUP_MOUNT = "/sys/fs/cgroup"
+MAX_CONFIG_BYTES = 4 << 20
+MAX_CRUN_OUTPUT = 8192
+CRUN_TIMEOUT_S = 60
+LIVE_QUEUE_BYTES = 256 << 10
+STREAM_GRACE_S = 2.0   # after the init exits, how long a leftover pipe writer may hold the output open
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class _Feed:
+    """A bounded queue of (stream, bytes): drop-oldest, counted."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.items: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.size = 0
+        self.dropped = 0
+
+    def put(self, stream: int, data: bytes) -> None:
+        self.items.append((stream, data))
+        self.size += len(data)
+        while self.size > self.limit and self.items:
+            _, old = self.items.popleft()
+            self.size -= len(old)
+            self.dropped += len(old)
+
+    def take(self) -> list:
+        items = list(self.items)
+        self.items.clear()
+        self.size = 0
+        return items
+
+    def put_back(self, items: list) -> None:
+        for item in reversed(items):
+            self.items.appendleft(item)
+            self.size += len(item[1])
+
+
+class ContainerEntry:
+    """The process-table entry of one container (same interface the server uses for
+    `run` processes: id, pid, dropped, status, delivered, attach, signal, resize)."""
+
+    delivered = False   # stays until container_delete, whatever was delivered
+    finished = False
+    supports_live = True
+
+    def __init__(self, cid: str, tty: bool, want_stdin: bool, stdin_once: bool, cgroup: str | None):
+        self.id = cid
+        self.tty = tty
+        self.want_stdin = want_stdin
+        self.stdin_once = stdin_once
+        self.cgroup = cgroup
+        self.pid = -1   # until crun create reports it (never 0: killpg(0) is our own group)
+        self.status: int | None = None
+        self.started = False
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._replay = _Feed(protocol.PROCESS_BUFFER_BYTES)
+        self._live: list[_Feed] = []
+        self._pump_gen = 0
+        self._open_streams = 0
+        self._exited_at: float | None = None
+        self._stdin_fd: int | None = None
+        self._stdin_attached = False
+
+    @property
+    def dropped(self) -> int:
+        return self._replay.dropped
+
+    # -- output -------------------------------------------------------------------
+    def start_reader(self, fd: int, stream: int) -> None:
+        with self._lock:
+            self._open_streams += 1
+        threading.Thread(target=self._read_loop, args=(fd, stream), daemon=True,
+                         name=f"ctr-out-{self.id[:12]}-{stream}").start()
+
+    def _read_loop(self, fd: int, stream: int) -> None:
+        try:
+            while True:
+                try:
+                    data = os.read(fd, 65536)
+                except InterruptedError:
+                    continue
+                except OSError:
+                    break  # EIO on a pty master once the container's side is gone
+                if not data:
+                    break
+                with self._lock:
+                    self._replay.put(stream, data)
+                    for feed in self._live:
+                        feed.put(stream, data)
+                    self._cond.notify_all()
+        finally:
+            os.close(fd)
+            with self._lock:
+                self._open_streams -= 1
+                self._cond.notify_all()
+
+    def on_exit(self, status: int) -> None:
+        with self._lock:
+            self.status = status
+            self._exited_at = time.monotonic()
+            self._cond.notify_all()
+        # wake the senders once the grace for leftover pipe writers is over
+        threading.Timer(STREAM_GRACE_S + 0.1, self._notify).start()
+
+    def _notify(self) -> None:
+        with self._lock:
+            self._cond.notify_all()
+
+    def _output_done(self) -> bool:
+        """Caller holds the lock: the init is gone and so is its output (or the grace ran out)."""
+        if self.status is None:
+            return False
+        return self._open_streams == 0 or time.monotonic() - self._exited_at > STREAM_GRACE_S
+
+    # -- attach -------------------------------------------------------------------
+    def attach(self, chan, with_stdin: bool, live: bool = False) -> None:
+        with self._lock:
+            if live:
+                feed, gen = _Feed(LIVE_QUEUE_BYTES), None
+                self._live.append(feed)
+            else:
+                # one log pump at a time: a re-attach replaces a (dead) earlier one
+                self._pump_gen += 1
+                feed, gen = self._replay, self._pump_gen
+                self._cond.notify_all()
+            first_stdin = with_stdin and self._stdin_fd is not None and not self._stdin_attached
+            if with_stdin:
+                self._stdin_attached = True
+        threading.Thread(target=self._send_loop, args=(chan, feed, gen), daemon=True,
+                         name=f"ctr-attach-{self.id[:12]}").start()
+        if with_stdin and self._stdin_fd is not None:
+            threading.Thread(target=self._stdin_loop, args=(chan, first_stdin), daemon=True,
+                             name=f"ctr-in-{self.id[:12]}").start()
+
+    def _send_loop(self, chan, feed: _Feed, gen: int | None) -> None:
+        def gone():
+            t = chan.get_transport()
+            return chan.closed or t is None or not t.is_active() or (gen is not None and gen != self._pump_gen)
+
+        try:
+            while True:
+                with self._lock:
+                    while not feed.items and not self._output_done() and not gone():
+                        self._cond.wait(1.0)
+                    if gone():
+                        return
+                    items = feed.take()
+                    done = self._output_done() and not items
+                    status = self.status
+                sent = 0
+                try:
+                    for stream, data in items:
+                        if stream == 1:
+                            chan.sendall(data)
+                        else:
+                            chan.sendall_stderr(data)
+                        sent += 1
+                    if done:
+                        chan.send_exit_status(pid1.exit_code(status))
+                        chan.shutdown_write()
+                        chan.close()
+                        return
+                except Exception:
+                    if gen is not None:  # the host went away mid-send: replay it next time
+                        with self._lock:
+                            feed.put_back(items[sent:])
+                    return
+        finally:
+            if gen is None:
+                with self._lock:
+                    if feed in self._live:
+                        self._live.remove(feed)
+
+    def _stdin_loop(self, chan, first: bool) -> None:
+        while True:
+            try:
+                data = chan.recv(32768)
+            except Exception:
+                data = b""
+            if not data:
+                break
+            fd = self._stdin_fd
+            if fd is None:
+                continue  # stdin already closed: discard, but keep reading the channel
+            try:
+                os.write(fd, data)
+            except OSError:
+                break
+        if first and self.stdin_once:
+            if self.tty:
+                fd = self._stdin_fd
+                if fd is not None:
+                    try:
+                        os.write(fd, b"\x04")  # ^D: EOF through the line discipline
+                    except OSError:
+                        pass
+            else:
+                self.close_stdin()
+
+    def close_stdin(self) -> None:
+        with self._lock:
+            fd, self._stdin_fd = self._stdin_fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def signal(self, name: str) -> None:
+        sig = getattr(signal, "SIG" + protocol.check_signal(name))
+        if self.pid > 0 and self.status is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def resize(self, cols: int, rows: int) -> None:
+        fd = self._stdin_fd
+        if self.tty and fd is not None:
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def state(self) -> dict:
+        with self._lock:
+            if self.status is not None:
+                return {"status": "stopped", "pid": max(self.pid, 0), "exit_code": pid1.exit_code(self.status)}
+            return {"status": "running" if self.started else "created", "pid": max(self.pid, 0),
+                    "exit_code": 0}
+
+
+# -- helpers ------------------------------------------------------------------------
+
+def _crun(agent, *args: str, timeout: float = CRUN_TIMEOUT_S) -> tuple[int, str]:
+    """(exit code, first MAX_CRUN_OUTPUT bytes of stdout+stderr) of a short crun call."""
+    r, w = os.pipe()
+    try:
+        pid = agent.spawn(["crun", *args], stdin=subprocess.DEVNULL, stdout=w, stderr=w)
+    finally:
+        os.close(w)
+    out = bytearray()
+    with os.fdopen(r, "rb") as f:
+        while True:
+            chunk = f.read1(65536)
+            if not chunk:
+                break
+            out += chunk[: max(0, MAX_CRUN_OUTPUT - len(out))]
+    status = pid1.wait_status(agent.reaper, pid, timeout)
+    if status is None:
+        os.kill(pid, signal.SIGKILL)
+        return 124, f"crun {args[0]} timed out"
+    return pid1.exit_code(status), out.decode(errors="replace").strip()
+
+
+def _read_small(path: str, limit: int = 65536) -> str:
+    with open(path, "rb") as f:
+        return f.read(limit).decode(errors="replace")
+
+
+def _ensure_subreaper() -> None:
+    # PID 1 gets every orphan anyway; the agent run as a test process on a host must ask
+    if os.getpid() != 1:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _load_config(bundle: str, tty: bool) -> dict:
+    path = os.path.join(bundle, "config.json")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise AgentCallError("NotFound", f"bundle: no config.json in {bundle}: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AgentCallError("InvalidArgument", f"bundle: config.json is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        spec = json.loads(raw)
+    except ValueError as e:
+        raise AgentCallError("InvalidArgument", f"bundle: config.json is not JSON: {e}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
+        raise AgentCallError("InvalidArgument", "bundle: config.json has no process object")
+    if bool(spec["process"].get("terminal")) != tty:
+        raise AgentCallError("InvalidArgument", f"tty: {tty} but config.json process.terminal is "
+                                                f"{bool(spec['process'].get('terminal'))}")
+    return spec
+
+
+def _cgroup_dir(spec: dict) -> str | None:
+    path = (spec.get("linux") or {}).get("cgroupsPath")
+    if not isinstance(path, str) or not path.startswith("/") or ":" in path:
+        return None
+    full = os.path.normpath(CGROUP_MOUNT + "/" + path)
+    return full if full.startswith(CGROUP_MOUNT + "/") else None
+
+
+def _entry(agent, cid: str) -> ContainerEntry:
+    entry = agent.procs.get(cid)
+    if not isinstance(entry, ContainerEntry):
+        raise AgentCallError("NotFound", f"id: no container {cid!r}")
+    return entry
+
+
+def _recv_pty_master(listener: socket.socket, deadline: float) -> int:
+    listener.settimeout(max(0.1, deadline - time.monotonic()))
+    conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(max(0.1, deadline - time.monotonic()))
+        _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(errno.EPROTO, "crun sent no terminal over the console socket")
+    return fds[0]
+
+
+# -- calls --------------------------------------------------------------------------
+
+def container_create(agent, params):
+    cid = params["id"]
+    bundle = os.path.join(SHARE_MOUNT, "containers", cid)  # = params["bundle"] in the guest
+    spec = _load_config(bundle, params["tty"])
+    entry = ContainerEntry(cid, params["tty"], params["stdin"], params["stdin_once"], _cgroup_dir(spec))
+    try:
+        agent.procs.adopt(entry)
+    except FileExistsError:
+        raise AgentCallError("AlreadyExists", f"id: container {cid!r} already exists") from None
+    state = os.path.join(STATE_DIR, cid)
+    try:
+        shutil.rmtree(state, ignore_errors=True)
+        os.makedirs(state, mode=0o700)
+        _create(agent, entry, bundle, state)
+    except BaseException as e:
+        agent.procs.forget(cid)
+        entry.close_stdin()
+        _crun(agent, "delete", "-f", cid)
+        if isinstance(e, AgentCallError):
+            raise
+        if isinstance(e, OSError):
+            raise AgentCallError("Failed", f"crun create {cid}: {e}") from None
+        raise
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    return {"id": cid, "pid": entry.pid}
+
+
+def _create(agent, entry: ContainerEntry, bundle: str, state: str) -> None:
+    _ensure_subreaper()
+    log, pidfile = os.path.join(state, "crun.log"), os.path.join(state, "pid")
+    argv = ["crun", f"--log=file:{log}", "create", "--bundle", bundle, "--pid-file", pidfile]
+    close_after: list[int] = []
+    listener = None
+    try:
+        if entry.tty:
+            sock_path = os.path.join(state, "console.sock")
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(sock_path)
+            listener.listen(1)
+            argv += ["--console-socket", sock_path, entry.id]
+            pid = agent.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+        else:
+            r_in = w_in = None
+            if entry.want_stdin:
+                r_in, w_in = os.pipe()
+                close_after.append(r_in)
+                entry._stdin_fd = w_in
+            r_out, w_out = os.pipe()
+            r_err, w_err = os.pipe()
+            close_after += [w_out, w_err]
+            entry.start_reader(r_out, 1)
+            entry.start_reader(r_err, 2)
+            pid = agent.spawn(argv + [entry.id], stdin=r_in if r_in is not None else subprocess.DEVNULL,
+                              stdout=w_out, stderr=w_err)
+        for fd in close_after:  # the container's init holds its own copies now
+            os.close(fd)
+        close_after = []
+        status = pid1.wait_status(agent.reaper, pid, CRUN_TIMEOUT_S)
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            raise AgentCallError("DeadlineExceeded", f"crun create {entry.id}: no answer in {CRUN_TIMEOUT_S}s")
+        if pid1.exit_code(status) != 0:
+            try:
+                why = _read_small(log, MAX_CRUN_OUTPUT).strip()
+            except OSError:
+                why = ""
+            raise AgentCallError("Failed", f"crun create {entry.id} exited {pid1.exit_code(status)}: "
+                                           f"{why or 'no message'}")
+        if listener is not None:
+            master = _recv_pty_master(listener, time.monotonic() + 10)
+            entry._stdin_fd = master
+            entry.start_reader(os.dup(master), 1)
+        init_pid = int(_read_small(pidfile, 32).strip())
+        if init_pid <= 1:
+            raise AgentCallError("Failed", f"crun create {entry.id}: bad pid file")
+        entry.pid = init_pid
+        agent.reaper.watch(init_pid, entry.on_exit)
+    finally:
+        for fd in close_after:
+            os.close(fd)
+        if listener is not None:
+            listener.close()
+
+
+def container_start(agent, params):
+    entry = _entry(agent, params["id"])
+    if entry.status is not None:
+        raise AgentCallError("FailedPrecondition", f"id: container {entry.id!r} has already exited")
+    rc, out = _crun(agent, "start", entry.id)
+    if rc != 0:
+        raise AgentCallError("Failed", f"crun start {entry.id}: {out}")
+    entry.started = True
+    return entry.state()
+
+
+def container_kill(agent, params):
+    entry = _entry(agent, params["id"])
+    if entry.status is not None:
+        return entry.state()  # already stopped: nothing to signal
+    signum = int(getattr(signal, "SIG" + params["signal"]))
+    rc, out = _crun(agent, "kill", entry.id, str(signum))
+    if rc != 0:
+        deadline = time.monotonic() + 2  # it may have exited just now: let the reaper catch up
+        while entry.status is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if entry.status is None:
+            raise AgentCallError("Failed", f"crun kill {entry.id}: {out}")
+    return entry.state()
+
+
+def container_state(agent, params):
+    return _entry(agent, params["id"]).state()
+
+
+def container_delete(agent, params):
+    cid = params["id"]
+    entry = agent.procs.get(cid)
+    if entry is not None and not isinstance(entry, ContainerEntry):
+        raise AgentCallError("InvalidArgument", f"id: {cid!r} is a process, not a container")
+    rc, out = _crun(agent, "delete", "-f", cid)
+    if rc != 0:
+        known, _ = _crun(agent, "state", cid)
+        if known == 0:
+            raise AgentCallError("Failed", f"crun delete {cid}: {out}")
+    if entry is not None:
+        agent.procs.forget(cid)
+        entry.close_stdin()
+    return {"deleted": entry is not None}
+
+
+# -- stats ---------------------------------------------------------------------------
+
+def _keyed(text: str) -> dict[str, int]:
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def _int_file(path: str) -> int | str | None:
+    try:
+        v = _read_small(path, 64).strip()
+    except OSError:
+        return None
+    return int(v) if v.isdigit() else v
+
+
+def container_stats(agent, params):
+    entry = _entry(agent, params["id"])
+    cg = entry.cgroup
+    if cg is None or not os.path.isdir(cg):
+        raise AgentCallError("NotFound", f"id: container {entry.id!r} has no cgroup")
+    try:
+        cpu = _keyed(_read_small(os.path.join(cg, "cpu.stat")))
+        mem = _keyed(_read_small(os.path.join(cg, "memory.stat")))
+    except OSError as e:
+        raise AgentCallError("NotFound", f"id: cgroup of {entry.id!r} is gone: {e.strerror}") from None
+    return {
+        "cpu_usage_usec": cpu.get("usage_usec", 0),
+        "memory": {"current": _int_file(os.path.join(cg, "memory.current")) or 0,
+                   "anon": mem.get("anon", 0), "file": mem.get("file", 0),
+                   "inactive_file": mem.get("inactive_file", 0), "pgfault": mem.get("pgfault", 0),
+                   "pgmajfault": mem.get("pgmajfault", 0),
+                   "max": _int_file(os.path.join(cg, "memory.max")) or "max"},
+        "pids": _int_file(os.path.join(cg, "pids.current")) or 0,
+    }
+
+
+def _guest_cpu_usec() -> int:
+    try:
+        usec = _keyed(_read_small(os.path.join(CGROUP_MOUNT, "cpu.stat"))).get("usage_usec")
+        if usec is not None:
+            return usec
+    except OSError:
+        pass
+    fields = _read_small("/proc/stat", 4096).splitlines()[0].split()[1:]
+    busy = sum(int(v) for i, v in enumerate(fields[:8]) if i not in (3, 4))  # minus idle, iowait
+    return busy * 1_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def sandbox_stats(agent, params):
+    meminfo = {}
+    for line in _read_small("/proc/meminfo").splitlines():
+        k, _, rest = line.partition(":")
+        if rest.split():
+            meminfo[k] = int(rest.split()[0]) * 1024
+    vm = _keyed(_read_small("/proc/vmstat"))
+    ifaces = []
+    for name in sorted(os.listdir("/sys/class/net"))[:16]:
+        if name == "lo":
+            continue
+        st = f"/sys/class/net/{name}/statistics"
+        ifaces.append({"name": name, **{k: _int_file(f"{st}/{k}") or 0
+                                        for k in ("rx_bytes", "rx_errors", "tx_bytes", "tx_errors")}})
+    return {
+        "cpu_usage_usec": _guest_cpu_usec(),
+        "memory": {"current": meminfo.get("MemTotal", 0) - meminfo.get("MemAvailable", 0),
+                   "inactive_file": meminfo.get("Inactive(file)", 0),
+                   "anon": meminfo.get("AnonPages", 0), "max": meminfo.get("MemTotal", 0),
+                   "pgfault": vm.get("pgfault", 0), "pgmajfault": vm.get("pgmajfault", 0)},
+        "processes": sum(1 for d in os.listdir("/proc") if d.isdigit()),
+        "interfaces": ifaces,
+    }
+
+
+def set_sysctls(agent, params):
+    done = []
+    for name, value in params["sysctls"].items():
+        path = os.path.join("/proc/sys", *name.split("."))
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except OSError as e:
+            raise AgentCallError("InvalidArgument", f"sysctls.{name}: {e.strerror}") from None
+        done.append(name)
+    return {"set": done}
+
+
+HANDLERS = {
+    "container_create": container_create,
+    "container_start": container_start,
+    "container_kill": container_kill,
+    "container_state": container_state,
+    "container_delete": container_delete,
+    "container_stats": container_stats,
+    "sandbox_stats": sandbox_stats,
+    "set_sysctls": set_sysctls,
+}
