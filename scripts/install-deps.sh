@@ -10,8 +10,9 @@ DEBIAN_PKGS=(
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config qemu-system-x86
   crun erofs-utils kmod cpio iproute2 skopeo containernetworking-plugins
   python3 python3-venv python3-dev gcc
+  docker-registry  # `vmcri demo` serves its busybox image from a throwaway loopback registry
 )
-TEST_PKGS=(docker-registry umoci)
+TEST_PKGS=(umoci shellcheck ruby)  # shellcheck, ruby: the lab's provision.sh and Vagrantfile
 
 missing=()
 want=("${DEBIAN_PKGS[@]}")
