@@ -95,7 +95,7 @@ def test_exec_sync_exit_code_and_streams(env, sleeper):
 
 def test_image_layers_whiteouts_and_config(env, sleeper):
     r = exec_sync(env, sleeper, ["/bin/sh", "-c",
-                                 "ls /data | sort | tr '\\n' ' '; echo; ls /opq | sort | tr '\\n' ' '; pwd"])
+                                 "ls /data | sort | tr '\\n' ' '; echo; ls /opq | sort | tr '\\n' ' '; echo; pwd"])
     data, opq, cwd = r.stdout.decode().splitlines()
     assert "gone" not in data.split() and {"keep", "added"} <= set(data.split())
     assert opq.split() == ["new"]  # the opaque dir hid the lower layer's entries

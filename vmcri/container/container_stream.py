@@ -3,7 +3,7 @@ channels to the guest agent, port-forward a direct-tcpip channel dialled inside
 the guest (the pod IP lives in the VM, not in a host netns)."""
 from __future__ import annotations
 
-from vmcri.container.container_exec import crun_exec_argv
+from vmcri.container.container_exec import container_cwd, crun_exec_argv
 from vmcri.errors import FailedPrecondition, Unavailable
 
 
@@ -31,7 +31,8 @@ class RuntimeStreamingBackend:
         rec = self._running(container_id)
         try:
             return self.containers.agent_for(rec).open_process(
-                crun_exec_argv(rec.id, cmd, tty=tty), tty=tty, stdin=stdin)
+                crun_exec_argv(rec.id, cmd, tty=tty, cwd=container_cwd(self.containers, rec)),
+                tty=tty, stdin=stdin)
         except AgentError as e:
             raise Unavailable(f"exec in {rec.id[:12]}: {e}") from e
 
