@@ -48,14 +48,61 @@ def phases(console: str) -> dict[str, float]:
     return out
 
 
+def rss_kib(pid) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, TypeError):
+        return None
+
+
+def cpu_s(pid) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
+# libvirt puts every VM under the "machine" cgroup, whose CPU weight all VMs share; a raw
+# qemu left in the root cgroup would get more CPU on a busy host than the VM it is compared
+# with. The floor qemu therefore runs in its own child of that same cgroup.
+MACHINE_CGROUPS = ("/sys/fs/cgroup/cpu/machine", "/sys/fs/cgroup/machine.slice", "/sys/fs/cgroup/machine")
+
+
+def join_machine_cgroup(pid: int) -> str | None:
+    for parent in MACHINE_CGROUPS:
+        if os.path.isdir(parent):
+            path = os.path.join(parent, f"vmcri-bench-floor-{pid}")
+            try:
+                os.mkdir(path)
+                with open(os.path.join(path, "cgroup.procs"), "w") as f:
+                    f.write(str(pid))
+                return path
+            except OSError:
+                return None
+    return None
+
+
+def leave_cgroup(path: str | None) -> None:
+    if path:
+        try:
+            os.rmdir(path)  # works once the process has exited
+        except OSError:
+            pass
+
+
 APPEND_EXTRA = ""
+USE_MACHINE_CGROUP = True
+TB_MIB = 32  # the daemon's default tcg_tb_cache_mib, so the floor runs the same TCG
 
 
-def boot_raw(img, work: str, memory: int):
+def boot_raw(img, work: str, memory: int, tb_mib: int | None = None, append_extra: str | None = None):
     sock, console = os.path.join(work, "agent.sock"), os.path.join(work, "console.log")
-    argv = ["qemu-system-x86_64", "-machine", "pc", "-accel", "tcg,tb-size=32", "-cpu", "qemu64",
+    argv = ["qemu-system-x86_64", "-machine", "pc", "-accel", f"tcg,tb-size={tb_mib or TB_MIB}", "-cpu", "qemu64",
             "-m", str(memory), "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
-            "-no-reboot", "-kernel", img.kernel, "-initrd", img.initrd, "-append", (img.cmdline + " " + APPEND_EXTRA).strip(),
+            "-no-reboot", "-kernel", img.kernel, "-initrd", img.initrd, "-append", (img.cmdline + " " + (APPEND_EXTRA if append_extra is None else append_extra)).strip(),
             "-drive", f"file={img.rootfs},if=none,id=root,format=raw,readonly=on",
             "-device", "virtio-blk-pci,drive=root,serial=vmcri-root",
             "-device", "virtio-serial-pci",
@@ -64,7 +111,8 @@ def boot_raw(img, work: str, memory: int):
             "-serial", f"file:{console}"]
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return t0, sock, console, lambda: (proc.kill(), proc.wait())
+    cg = join_machine_cgroup(proc.pid) if USE_MACHINE_CGROUP else None
+    return t0, sock, console, lambda: (proc.kill(), proc.wait(), leave_cgroup(cg)), proc.pid
 
 
 def boot_libvirt(img, work: str, memory: int):
@@ -78,13 +126,16 @@ def boot_libvirt(img, work: str, memory: int):
     hv = Hypervisor()
     t0 = time.monotonic()
     hv.create(render_domain(spec))
-    return t0, sock, console, lambda: hv.destroy(name)
+    return t0, sock, console, lambda: hv.destroy(name), hv.pid(name)
 
 
-def one_run(mode: str, img, memory: int, pings: int) -> dict:
+def one_run(mode: str, img, memory: int, pings: int, **raw_kw) -> dict:
+    """raw_kw (raw mode only): tb_mib, append_extra."""
     work = tempfile.mkdtemp(prefix=f"vmcri-bench-{mode}-")
-    boot = boot_raw if mode == "raw" else boot_libvirt
-    t0, sock, console, stop = boot(img, work, memory)
+    if mode == "raw":
+        t0, sock, console, stop, pid = boot_raw(img, work, memory, **raw_kw)
+    else:
+        t0, sock, console, stop, pid = boot_libvirt(img, work, memory)
     try:
         marker = wait_marker(console, t0 + 180)
         client = AgentClient(sock, call_timeout=60)
@@ -97,7 +148,7 @@ def one_run(mode: str, img, memory: int, pings: int) -> dict:
             rtts.append((time.perf_counter() - t) * 1000)
         rtts.sort()
         client.close()
-        return {"marker_s": (marker - t0) if marker else None, "ping_s": first_ping - t0,
+        return {"qemu_rss_kib": rss_kib(pid), "qemu_cpu_s": cpu_s(pid), "marker_s": (marker - t0) if marker else None, "ping_s": first_ping - t0,
                 "phases": phases(console),
                 "rtt_p50_ms": statistics.median(rtts) if rtts else None,
                 "rtt_p99_ms": rtts[max(0, int(len(rtts) * 0.99) - 1)] if rtts else None}
@@ -114,9 +165,12 @@ def main():
     ap.add_argument("--memory", type=int, default=256)
     ap.add_argument("--pings", type=int, default=0)
     ap.add_argument("--append-extra", default="", help="extra kernel cmdline (raw mode), e.g. vmcri.late=after")
+    ap.add_argument("--tb-mib", type=int, default=32, help="TCG translation cache (raw mode)")
+    ap.add_argument("--root-cgroup", action="store_true",
+                    help="leave raw qemu in the root cgroup (default: a child of libvirt's machine cgroup)")
     a = ap.parse_args()
-    global APPEND_EXTRA
-    APPEND_EXTRA = a.append_extra
+    global APPEND_EXTRA, TB_MIB, USE_MACHINE_CGROUP
+    APPEND_EXTRA, TB_MIB, USE_MACHINE_CGROUP = a.append_extra, a.tb_mib, not a.root_cgroup
     img = guestimage.locate(Config(guest_image_dir=a.image_dir))
     if img is None:
         sys.exit(f"no guest image in {a.image_dir}; build one first")
@@ -127,7 +181,8 @@ def main():
             r = one_run(mode, img, a.memory, a.pings)
             ph = " ".join(f"{k}={v:.2f}" for k, v in r["phases"].items())
             extra = f" rtt p50 {r['rtt_p50_ms']:.1f} ms p99 {r['rtt_p99_ms']:.1f} ms" if a.pings else ""
-            print(f"run {i} {mode:7s} marker {r['marker_s']:.2f}s first-ping {r['ping_s']:.2f}s | guest {ph}{extra}",
+            print(f"run {i} {mode:7s} marker {r['marker_s']:.2f}s first-ping {r['ping_s']:.2f}s "
+                  f"rss {r['qemu_rss_kib']} KiB | guest {ph}{extra}",
                   flush=True)
 
 

@@ -1,0 +1,82 @@
+"""The one bench entry point: P1 sandbox ready vs floor, P3 container start, P4 ExecSync,
+P5 idle memory, P6 density, P7 pull. Writes bench/results/<stem>.{json,md,png}.
+
+    /opt/vmcri/venv/bin/python -m bench.run [--quick] [--before-image DIR [--before-tb 32]]
+        [--only p1,p3,p6,p7] [--runs N] [--stem latest]
+
+`after` is the current guest image (`/var/lib/vmcri/guest/current`) with vmcri's current
+config defaults; `--before-image` adds an older image directory (and its tb-cache) as
+`before`, measured interleaved in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import containers, density, pull, report  # noqa: E402
+from bench.common import GUEST_CURRENT, log  # noqa: E402
+from bench.sandbox_ready import Variant, measure as measure_p1  # noqa: E402
+from vmcri.config import Config  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer runs; density N=5 only")
+    ap.add_argument("--before-image", default="", help="an older guest image dir, measured as 'before'")
+    ap.add_argument("--before-tb", type=int, default=32, help="tb-cache MiB of the 'before' config")
+    ap.add_argument("--before-config", default="", help="extra daemon TOML for 'before'")
+    ap.add_argument("--after-image", default=GUEST_CURRENT)
+    ap.add_argument("--only", default="p1,p3,p6,p7", help="comma list of p1,p3,p6,p7 (p3 includes p4, p5)")
+    ap.add_argument("--runs", type=int, default=0, help="P1 runs per variant (default 3, quick 2)")
+    ap.add_argument("--sizes", default="", help="P6 pod counts, e.g. 5,10,20")
+    ap.add_argument("--stem", default="latest")
+    a = ap.parse_args()
+    only = set(a.only.split(","))
+    runs = a.runs or (2 if a.quick else 3)
+    sizes = tuple(int(x) for x in a.sizes.split(",")) if a.sizes else ((5,) if a.quick else (5, 10, 20))
+
+    after = Variant("after", a.after_image, Config().tcg_tb_cache_mib)
+    variants = [after]
+    if a.before_image:
+        variants.insert(0, Variant("before", a.before_image, a.before_tb, a.before_config))
+    res: dict = {"meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                          "mode": "quick" if a.quick else "full", "argv": sys.argv[1:],
+                          "host": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.release()}",
+                          "variants": [v.__dict__ for v in variants]}}
+    out = lambda: report.write(res, RESULTS, a.stem)  # noqa: E731 - partial results survive a crash
+    if "p1" in only:
+        log(f"P1: {runs} interleaved runs of {[v.label for v in variants]} and their floors")
+        res["p1"] = measure_p1(variants, runs)
+        out()
+    if "p3" in only:
+        res["p3"] = {}
+        for v in variants:
+            log(f"P3/P4/P5 ({v.label})")
+            res["p3"][v.label] = containers.measure(v.config(), v.image_dir,
+                                                    containers=2 if a.quick else 3,
+                                                    execs=20 if a.quick else 50)
+            out()
+    if "p6" in only:
+        log(f"P6 density ({after.label}) N={sizes}")
+        res["p6"] = {"label": after.label,
+                     "rows": density.measure(after.config().replace("agent_timeout_s = 300", "agent_timeout_s = 900"),
+                                             after.image_dir, sizes)}
+        out()
+    if "p7" in only:
+        log("P7 pull")
+        res["p7"] = pull.measure(runs=3 if a.quick else 5)
+    res["meta"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for p in out():
+        log(f"wrote {p}")
+    print(report.markdown(res))
+
+
+if __name__ == "__main__":
+    main()
