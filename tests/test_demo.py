@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from cri_api.v1 import api_pb2 as pb
 
-from vmcri import config, demo_image
+from vmcri import config, demo, demo_image, demo_report
 
 
 def _listening(address: str) -> bool:
@@ -80,3 +80,26 @@ def test_demo_shows_vm_isolation_and_cleans_up(daemon_factory, tmp_path):
     assert rep["registry"] and not _listening(rep["registry"])
     images = d.image.ListImages(pb.ListImagesRequest()).images
     assert not any(rep["image"] in t for i in images for t in i.repo_tags)
+
+
+def _view(**kw):
+    base = dict(kernel="6.1.0-57-amd64", boot_id="b-1", pid1="sleep 1", mem_mib=200, cpus=1,
+                cpu_model="QEMU", uptime_s=3.0, hostname="h", nprocs=2, processes=["PID COMMAND"])
+    return demo.View(**{**base, **kw})
+
+
+def test_probe_parsing_tolerates_a_hostile_or_odd_guest():
+    v = demo.view_from_probe("kernel=6.1\nmem_kib=not-a-number\ngarbage line\ncpus=2\n=x\n", [])
+    assert (v.kernel, v.mem_mib, v.cpus, v.boot_id) == ("6.1", 0, 2, "?")
+
+
+def test_report_marks_failed_checks_and_escapes_guest_text():
+    pods = [demo.PodRun(name=n, domain=f"vmcri-{n}", view=_view(pid1="<script>x</script>"),
+                        dominfo="State: running") for n in ("demo-a", "demo-b")]
+    rep = demo.Report(runtime="vmcri", image="img", host=_view(boot_id="host"), pods=pods,
+                      checks=[demo.Check("kernels differ", False, "same boot_id")], host_sees_qemu=[])
+    assert not rep.ok
+    assert "[FAILED] kernels differ" in demo_report.text(rep)
+    page = demo_report.html_page(rep)
+    assert "SOME CHECKS FAILED" in page and "<script>" not in page and "&lt;script&gt;" in page
+    assert json.loads(rep.to_json())["ok"] is False

@@ -271,6 +271,8 @@ class Demo:
         ps = self.exec(pod, ["ps", "-o", "pid,args"])
         processes = ps.stdout.decode(errors="replace").splitlines() if ps.exit_code == 0 else []
         pod.view = view_from_probe(probe.stdout.decode(errors="replace"), processes)
+        if len(processes) > 1:  # ps's own count beats /proc's, which includes the probe's shell
+            pod.view.nprocs = len(processes) - 1
         pod.dominfo = virsh_dominfo(self.cfg.libvirt_uri, pod.domain)
         return pod.view
 
@@ -337,7 +339,7 @@ def isolation_checks(host: View, a: PodRun, b: PodRun, host_cmds: dict[int, str]
         Check("each pod has its own kernel", va.boot_id != vb.boot_id,
               f"demo-a boot_id {va.boot_id}, demo-b boot_id {vb.boot_id}"),
         Check("PID 1 in the container is the container's own command", marker_a in va.pid1,
-              f"demo-a PID 1: {va.pid1!r}; host PID 1: {host.pid1!r}"),
+              f"demo-a PID 1: {va.pid1!r}; host PID 1: {host.pid1[:60]!r}"),
         Check("the host cannot see the container's processes, only the VM's qemu",
               a_sees_own and not host_has_marker and a.qemu_pid in host_cmds,
               f"'{marker_a}' is in demo-a's ps ({a_sees_own}), host pids running it: "
@@ -354,7 +356,8 @@ def isolation_checks(host: View, a: PodRun, b: PodRun, host_cmds: dict[int, str]
               f"({secret_in_a.stdout.decode(errors='replace').strip()!r}), demo-b exit {secret_in_b.exit_code}"),
         Check("the pod is a libvirt domain", "running" in a.dominfo,
               f"virsh dominfo {a.domain}: " + "; ".join(
-                  line for line in a.dominfo.splitlines() if line.split(":")[0] in ("State", "CPU(s)", "Max memory"))),
+                  " ".join(line.split()) for line in a.dominfo.splitlines()
+                  if line.split(":")[0] in ("State", "CPU(s)", "Max memory"))),
     ]
 
 
@@ -365,6 +368,11 @@ def main(cfg, socket: str, html: str = "vmcri-demo.html", keep: bool = False,
     report = None
     try:
         report = demo.run()
+        print()
+        print(demo_report.text(report))
+        with open(html, "w") as f:
+            f.write(demo_report.html_page(report))
+        print(f"HTML report: {os.path.abspath(html)}")
     except DemoError as e:
         print(f"vmcri demo: {e}")
     finally:
@@ -377,11 +385,6 @@ def main(cfg, socket: str, html: str = "vmcri-demo.html", keep: bool = False,
     if report is None:
         return 1
     report.cleaned_up = not keep
-    print()
-    print(demo_report.text(report))
-    with open(html, "w") as f:
-        f.write(demo_report.html_page(report))
-    print(f"HTML report: {os.path.abspath(html)}")
     if json_path:
         with open(json_path, "w") as f:
             f.write(report.to_json())

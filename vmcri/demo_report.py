@@ -14,7 +14,7 @@ def _rows(r) -> list[tuple[str, str, str, str]]:
         ("kernel release (uname -r)", va.kernel, h.kernel, vb.kernel),
         ("kernel instance (boot_id)", va.boot_id, h.boot_id, vb.boot_id),
         ("kernel up for", f"{va.uptime_s:.0f} s", f"{h.uptime_s:.0f} s", f"{vb.uptime_s:.0f} s"),
-        ("PID 1", va.pid1, h.pid1, vb.pid1),
+        ("PID 1", va.pid1, _short(h.pid1), vb.pid1),
         ("processes visible", str(va.nprocs), str(h.nprocs), str(vb.nprocs)),
         ("memory (MemTotal)", f"{va.mem_mib} MiB", f"{h.mem_mib} MiB", f"{vb.mem_mib} MiB"),
         ("CPUs", f"{va.cpus} × {va.cpu_model}", f"{h.cpus} × {h.cpu_model}", f"{vb.cpus} × {vb.cpu_model}"),
@@ -25,6 +25,10 @@ def _rows(r) -> list[tuple[str, str, str, str]]:
         ("RunPodSandbox took", f"{a.run_pod_s:.1f} s", "", f"{b.run_pod_s:.1f} s"),
         ("Create+StartContainer took", f"{a.container_start_s:.1f} s", "", f"{b.container_start_s:.1f} s"),
     ]
+
+
+def _short(s: str, n: int = 60) -> str:
+    return s if len(s) <= n else s[:n - 1] + "…"
 
 
 def phases(timings: dict) -> str:
