@@ -23,6 +23,18 @@ def _notify(method: str, code: grpc.StatusCode, started: float) -> None:
             log.exception("rpc observer failed")
 
 
+# gRPC clients refuse status details beyond their metadata limit (16 KiB hard, 8 KiB soft
+# by default) and then report RESOURCE_EXHAUSTED instead of our code: errors that echo a
+# huge request field are cut well below that.
+MAX_DETAILS_CHARS = 4096
+
+
+def _details(text: str) -> str:
+    if len(text) <= MAX_DETAILS_CHARS:
+        return text
+    return f"{text[:MAX_DETAILS_CHARS]}... ({len(text) - MAX_DETAILS_CHARS} more characters cut)"
+
+
 def handle(fn):
     """Wrap a unary servicer method: VmcriError -> its code, anything else -> INTERNAL."""
     name = fn.__name__
@@ -34,12 +46,12 @@ def handle(fn):
             reply = fn(self, request, context)
         except VmcriError as e:
             _notify(name, e.code, started)
-            log.info("%s -> %s: %s", name, e.code.name, e)
-            context.abort(e.code, str(e) or e.__class__.__name__)
+            log.info("%s -> %s: %s", name, e.code.name, _details(str(e)))
+            context.abort(e.code, _details(str(e) or e.__class__.__name__))
         except Exception as e:
             _notify(name, grpc.StatusCode.INTERNAL, started)
             log.exception("%s failed", name)
-            context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error: {e}")
+            context.abort(grpc.StatusCode.INTERNAL, _details(f"{name}: internal error: {e}"))
         _notify(name, grpc.StatusCode.OK, started)
         return reply
 
