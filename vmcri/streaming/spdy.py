@@ -15,14 +15,11 @@ WINDOW_UPDATEs as data is consumed and bounds what it buffers per stream.
 from __future__ import annotations
 
 import collections
-import logging
 import socket
 import struct
 import threading
-import time
 import zlib
 
-log = logging.getLogger(__name__)
 
 VERSION = 3
 
