@@ -308,3 +308,24 @@ def test_idle_connection_is_closed():
     assert head[:4] == b"\x80\x03\x00\x07"
     assert s.conn.closed.wait(5) and s.conn.error == "idle timeout"
     s.close()
+
+
+def test_peer_without_session_flow_control_still_gets_everything():
+    """A SPDY/3 style peer: stream-level WINDOW_UPDATEs only, none for the session."""
+    s = Served()
+    s.raw.sendall(spdy.settings_frame({spdy.SETTINGS_INITIAL_WINDOW_SIZE: spdy.DEFAULT_WINDOW}))
+    st = s.syn(1, {"streamtype": "stdout"})
+    total = 200 * 1024
+    writer = threading.Thread(target=st.write, args=(b"s" * total,))
+    writer.start()
+    got = unacked = 0
+    while got < total:
+        n = len(read_frame_raw(s.raw)[1])
+        got += n
+        unacked += n
+        if unacked >= 32 * 1024:
+            s.raw.sendall(spdy.window_update_frame(1, unacked))
+            unacked = 0
+    writer.join(10)
+    assert got == total and s.conn.session_flow_off and not s.conn.flow_control_off
+    s.close()

@@ -9,7 +9,8 @@ Flow control: the Go peers the kubelet and crictl use (moby/spdystream) neither
 send WINDOW_UPDATE nor honour it. Our send side therefore only enforces the
 peer's windows once the peer shows it does flow control (it sent SETTINGS or a
 WINDOW_UPDATE); otherwise a stalled window is waited on for a short grace, then
-the peer is treated as one without flow control. The receive side always sends
+the peer is treated as one without flow control (likewise for the session window
+of peers that never send a session-level WINDOW_UPDATE). The receive side always sends
 WINDOW_UPDATEs as data is consumed and bounds what it buffers per stream.
 """
 from __future__ import annotations

@@ -87,8 +87,10 @@ class Connection:
         self.initial_send_window = spdy.DEFAULT_WINDOW
         self.session_send_window = spdy.DEFAULT_WINDOW
         self._session_unacked = 0
-        self.peer_flow_control = False
+        self.peer_flow_control = False          # sent SETTINGS or any WINDOW_UPDATE
+        self.peer_session_flow_control = False  # sent a session-level WINDOW_UPDATE
         self.flow_control_off = False
+        self.session_flow_off = False
         self.goaway_sent = False
         self.goaway_received: int | None = None   # peer's GOAWAY status
         self.error: str | None = None
@@ -234,39 +236,51 @@ class Connection:
     def send_settings(self, settings: dict[int, int]) -> None:
         self._send(spdy.settings_frame(settings))
 
-    def _windows_open(self, stream: Stream) -> bool:
-        return stream.send_window > 0 and self.session_send_window > 0
-
     def _write_data(self, stream: Stream, data: bytes) -> None:
         stream.replied.wait()   # no DATA before our SYN_REPLY: spdystream drops it
         view = memoryview(data)
         while view:
             with self._cv:
-                while True:
-                    if stream.reset_status is not None:
-                        raise StreamReset(f"stream {stream.id} was reset")
-                    if self.closed.is_set():
-                        raise ConnectionError("spdy connection closed")
-                    if stream.local_closed:
-                        raise ConnectionError(f"stream {stream.id} already half-closed")
-                    if self.flow_control_off or self._windows_open(stream):
-                        break
-                    if self.peer_flow_control:
-                        self._cv.wait()
-                        continue
-                    # window spent and the peer never showed flow control: give it a
-                    # moment, then treat it as a peer without flow control
-                    self._cv.wait(spdy.FLOW_CONTROL_GRACE_S)
-                    if not self.peer_flow_control and not self._windows_open(stream):
-                        log.debug("spdy %s: peer does no flow control; not enforcing windows", self.name)
-                        self.flow_control_off = True
+                self._wait_for_window(stream)
                 n = min(len(view), spdy.WRITE_CHUNK)
                 if not self.flow_control_off:
-                    n = min(n, stream.send_window, self.session_send_window)
+                    n = min(n, stream.send_window)
+                    if not self.session_flow_off:
+                        n = min(n, self.session_send_window)
                 stream.send_window -= n
                 self.session_send_window -= n
             self._send(spdy.data_frame(stream.id, bytes(view[:n])))
             view = view[n:]
+
+    def _wait_for_window(self, stream: Stream) -> None:
+        """Called with _cv held. Windows whose kind of WINDOW_UPDATE the peer never sent
+        get a short grace when they run out, then stop being enforced (spdystream peers
+        send none; SPDY/3 peers send no session-level ones)."""
+        while True:
+            if stream.reset_status is not None:
+                raise StreamReset(f"stream {stream.id} was reset")
+            if self.closed.is_set():
+                raise ConnectionError("spdy connection closed")
+            if stream.local_closed:
+                raise ConnectionError(f"stream {stream.id} already half-closed")
+            if self.flow_control_off:
+                return
+            stream_ok = stream.send_window > 0
+            session_ok = self.session_flow_off or self.session_send_window > 0
+            if stream_ok and session_ok:
+                return
+            if (not stream_ok and self.peer_flow_control) or \
+                    (stream_ok and self.peer_session_flow_control):
+                self._cv.wait()
+                continue
+            self._cv.wait(spdy.FLOW_CONTROL_GRACE_S)
+            if not self.peer_flow_control and stream.send_window <= 0:
+                log.debug("spdy %s: peer does no flow control; not enforcing windows", self.name)
+                self.flow_control_off = True
+            elif stream.send_window > 0 and not self.peer_session_flow_control \
+                    and self.session_send_window <= 0:
+                log.debug("spdy %s: peer does no session flow control; not enforcing it", self.name)
+                self.session_flow_off = True
 
     def _close_stream(self, stream: Stream) -> None:
         stream.replied.wait()
@@ -424,6 +438,7 @@ class Connection:
         with self._cv:
             self.peer_flow_control = True
             if f.stream_id == 0:
+                self.peer_session_flow_control = True
                 self.session_send_window += f.delta
                 if self.session_send_window > spdy.MAX_WINDOW:
                     raise SpdyError("session window overflow", spdy.GOAWAY_PROTOCOL_ERROR)
