@@ -179,7 +179,7 @@ role_kube_cp() {
   systemctl restart containerd
   # CoreDNS on this node needs a pod network; a subnet distinct from the vmcri node's.
   install -d /etc/cni/net.d
-  sed 's#10.88.0.0/16#10.87.0.0/16#; s#vmcri0#cni-cp0#' \
+  sed 's#10.88.0.0/16#10.87.0.0/16#; s#vmcri0#cni-cp0#; s#"name": "vmcri"#"name": "cp-bridge"#' \
     "$VMCRI_SRC/packaging/cni/10-vmcri-bridge.conflist" > /etc/cni/net.d/10-cp-bridge.conflist
   if [ ! -f /etc/kubernetes/admin.conf ]; then
     log "kubeadm init (control plane on containerd, API on $CP_IP:6443)"

@@ -26,6 +26,8 @@ LABEL = "app"
 SECRET_FILE = "/tmp/vmcri-demo-secret"
 EXEC_TIMEOUT_S = 60
 START_TIMEOUT_S = 120
+CALL_TIMEOUT_S = 120          # any CRI call; a pull or a VM boot gets SLOW_CALL_TIMEOUT_S
+SLOW_CALL_TIMEOUT_S = 900
 # One ExecSync gathers the container's view as key=value lines.
 PROBE = ("echo kernel=$(uname -r); echo boot_id=$(cat /proc/sys/kernel/random/boot_id); "
          "echo pid1=$(tr '\\0' ' ' </proc/1/cmdline); "
@@ -67,6 +69,7 @@ class PodRun:
     run_pod_s: float = 0.0
     container_start_s: float = 0.0
     phases: dict = field(default_factory=dict)
+    ip: str = ""              # from CNI; empty when pod networking is off
     marker: str = ""          # the container's `sleep` argument, unique per run
     log_line: str = ""        # first line of its CRI log file
     view: View | None = None
@@ -174,9 +177,9 @@ class Demo:
         self.pods: list[PodRun] = []
 
     # -- steps -------------------------------------------------------------------
-    def _step(self, what: str, fn, *args):
+    def _step(self, what: str, fn, request, timeout: float = CALL_TIMEOUT_S):
         try:
-            return fn(*args)
+            return fn(request, timeout=timeout)
         except grpc.RpcError as e:
             raise DemoError(f"{what}: {e.code().name}: {e.details()}") from None
 
@@ -202,7 +205,8 @@ class Demo:
             self.pulled_by_us = True
         self.log(f"ImageService.PullImage {self.image}")
         ref = self._step(f"PullImage {self.image}", self.img.PullImage,
-                         pb.PullImageRequest(image=pb.ImageSpec(image=self.image))).image_ref
+                         pb.PullImageRequest(image=pb.ImageSpec(image=self.image)),
+                         timeout=SLOW_CALL_TIMEOUT_S).image_ref
         return ref
 
     def start_pod(self, name: str) -> PodRun:
@@ -212,11 +216,13 @@ class Demo:
         self.log(f"RuntimeService.RunPodSandbox {name} (boots a VM)")
         t0 = time.monotonic()
         pod.sandbox_id = self._step(f"RunPodSandbox {name}", self.rt.RunPodSandbox,
-                                    pb.RunPodSandboxRequest(config=pcfg)).pod_sandbox_id
+                                    pb.RunPodSandboxRequest(config=pcfg),
+                                    timeout=SLOW_CALL_TIMEOUT_S).pod_sandbox_id
         pod.run_pod_s = time.monotonic() - t0
         st = self._step(f"PodSandboxStatus {name}", self.rt.PodSandboxStatus,
                         pb.PodSandboxStatusRequest(pod_sandbox_id=pod.sandbox_id, verbose=True))
         info = json.loads(st.info.get("info", "{}"))
+        pod.ip = st.status.network.ip
         vm = info.get("vm", {})
         pod.domain, pod.qemu_pid = vm.get("domain", ""), int(vm.get("qemuPid") or 0)
         pod.accel, pod.vm_vcpus = str(vm.get("accel", "")), int(vm.get("vcpus") or 0)
@@ -262,7 +268,7 @@ class Demo:
     def exec(self, pod: PodRun, cmd: list[str]) -> pb.ExecSyncResponse:
         return self._step(f"ExecSync {cmd[0]} in {pod.name}", self.rt.ExecSync,
                           pb.ExecSyncRequest(container_id=pod.container_id, cmd=cmd,
-                                             timeout=EXEC_TIMEOUT_S))
+                                             timeout=EXEC_TIMEOUT_S), timeout=EXEC_TIMEOUT_S + 30)
 
     def observe(self, pod: PodRun) -> View:
         probe = self.exec(pod, ["/bin/sh", "-c", PROBE])
@@ -295,17 +301,23 @@ class Demo:
                       host_sees_qemu=qemu, registry=self.registry.address if self.registry else "")
 
     def cleanup(self) -> None:
-        for pod in reversed(self.pods):
-            if not pod.sandbox_id:
-                continue
+        ids = [p.sandbox_id for p in reversed(self.pods) if p.sandbox_id]
+        try:  # also pods whose RunPodSandbox reply we never got (a timeout, Ctrl-C)
+            listed = self.rt.ListPodSandbox(pb.ListPodSandboxRequest(filter=pb.PodSandboxFilter(
+                label_selector={"run": self.run_id})), timeout=CALL_TIMEOUT_S).items
+            ids += [p.id for p in listed if p.id not in ids]
+        except grpc.RpcError as e:
+            self.log(f"cleanup: listing this run's pods: {e.code().name}: {e.details()}")
+        for sid in ids:
             try:
-                self.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod.sandbox_id))
-                self.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod.sandbox_id))
+                self.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=CALL_TIMEOUT_S)
+                self.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=CALL_TIMEOUT_S)
             except grpc.RpcError as e:
-                self.log(f"cleanup: removing {pod.name}: {e.code().name}: {e.details()}")
+                self.log(f"cleanup: removing pod {sid[:13]}: {e.code().name}: {e.details()}")
         if self.pulled_by_us:
             try:
-                self.img.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=self.image)))
+                self.img.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=self.image)),
+                                     timeout=CALL_TIMEOUT_S)
             except grpc.RpcError as e:
                 self.log(f"cleanup: removing image {self.image}: {e.details()}")
         shutil.rmtree(self.log_dir, ignore_errors=True)

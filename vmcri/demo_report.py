@@ -19,6 +19,7 @@ def _rows(r) -> list[tuple[str, str, str, str]]:
         ("memory (MemTotal)", f"{va.mem_mib} MiB", f"{h.mem_mib} MiB", f"{vb.mem_mib} MiB"),
         ("CPUs", f"{va.cpus} × {va.cpu_model}", f"{h.cpus} × {h.cpu_model}", f"{vb.cpus} × {vb.cpu_model}"),
         ("hostname", va.hostname, h.hostname, vb.hostname),
+        ("pod IP (CNI)", a.ip or "loopback only", "", b.ip or "loopback only"),
         ("libvirt domain", a.domain, "", b.domain),
         ("qemu process on the host", f"pid {a.qemu_pid} ({a.accel})", "", f"pid {b.qemu_pid} ({b.accel})"),
         ("VM size", f"{a.vm_vcpus} vCPU, {a.vm_memory_mib} MiB", "", f"{b.vm_vcpus} vCPU, {b.vm_memory_mib} MiB"),
