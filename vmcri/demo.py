@@ -389,7 +389,8 @@ def main(cfg, socket: str, html: str = "vmcri-demo.html", keep: bool = False,
         print(f"vmcri demo: {e}")
     finally:
         if keep:
-            print(f"--keep: leaving pods {', '.join(p.sandbox_id[:13] for p in demo.pods)} running")
+            ids = " ".join(p.sandbox_id[:13] for p in demo.pods if p.sandbox_id)
+            print(f"--keep: pods left running; remove them with: crictl stopp {ids}; crictl rmp {ids}")
         else:
             demo.cleanup()
             print("demo pods and image removed")
