@@ -116,6 +116,8 @@ class ProcessStream:
         self.id = head.get("id")
         self.pid = head.get("pid")
         self.dropped = head.get("dropped", 0)
+        # where a log-pump attach starts, per stream ({"stdout": N, "stderr": M}); None otherwise
+        self.offsets = head.get("offsets")
         self._leftover = leftover
 
     def recv(self, n: int = 65536, timeout: float | None = None) -> bytes:
@@ -342,10 +344,14 @@ class AgentClient:
         return ProcessStream(chan, head, rest)
 
     def attach(self, id: str, stdin: bool = False, live: bool = False,
-               timeout: float | None = None) -> ProcessStream:
+               timeout: float | None = None, offsets: dict | None = None) -> ProcessStream:
         """Resume a process's stream. `live` (containers only): output from now on, never
-        the replay buffer that the log pump consumes."""
-        command = protocol.encode_request("attach", {"id": id, "stdin": stdin, "live": live})
+        the replay buffer that the log pump reads. `offsets` (the log pump): bytes of each
+        stream already written; the replay starts after them."""
+        params = {"id": id, "stdin": stdin, "live": live}
+        if offsets is not None:
+            params["offsets"] = offsets
+        command = protocol.encode_request("attach", params)
         deadline = time.monotonic() + (timeout if timeout is not None else self.call_timeout)
         chan = self._open(command, deadline)
         head, rest = self._read_head(chan, deadline)

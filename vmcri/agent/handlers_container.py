@@ -4,8 +4,9 @@
 master crun hands back over the console socket); crun exits and the container's init is
 reparented to the agent, whose reaper records the init's status against the entry (crun's
 own exit is only the create result). The entry streams the output to attachers:
-- the log pump (`attach` without `live`) drains a bounded replay buffer: output made while
-  the host is away is delivered on its next attach, once;
+- the log pump (`attach` without `live`) reads a bounded ring of recent output (outring.py)
+  from the byte offsets it names, so output made or in flight while the host is away is
+  delivered on its next attach exactly once;
 - `live` attachers (kubectl attach) each get their own bounded queue of output from the
   moment they attach, and never touch the replay buffer.
 Every attacher gets the init's exit status (128+N for signal N) as SSH exit-status.
@@ -29,6 +30,7 @@ import time
 
 from . import pid1, protocol
 from .handlers_system import AgentCallError
+from .outring import STREAM_NAMES, OutputRing, RingReader
 
 STATE_DIR = os.environ.get("VMCRI_AGENT_STATE_DIR", "/run/vmcri/containers")
 SHARE_MOUNT = os.environ.get("VMCRI_AGENT_SHARE_MOUNT", protocol.SHARE_MOUNT)
@@ -64,11 +66,6 @@ class _Feed:
         self.size = 0
         return items
 
-    def put_back(self, items: list) -> None:
-        for item in reversed(items):
-            self.items.appendleft(item)
-            self.size += len(item[1])
-
 
 class ContainerEntry:
     """The process-table entry of one container (same interface the server uses for
@@ -89,7 +86,8 @@ class ContainerEntry:
         self.started = False
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._replay = _Feed(protocol.PROCESS_BUFFER_BYTES)
+        self._replay = OutputRing(protocol.PROCESS_BUFFER_BYTES)
+        self._delivered = {1: 0, 2: 0}  # ring offsets a log pump was sent in full
         self._live: list[_Feed] = []
         self._pump_gen = 0
         self._open_streams = 0
@@ -97,9 +95,14 @@ class ContainerEntry:
         self._stdin_fd: int | None = None
         self._stdin_attached = False
 
-    @property
-    def dropped(self) -> int:
-        return self._replay.dropped
+    dropped = 0  # what a log pump missed depends on its offsets: see resume_point
+
+    def resume_point(self, offsets: dict | None) -> tuple[dict[int, int], int]:
+        """A pump naming no offsets resumes after what an earlier pump was sent."""
+        with self._lock:
+            if offsets is None:
+                offsets = {STREAM_NAMES[s]: n for s, n in self._delivered.items()}
+            return self._replay.resume_point(offsets)
 
     # -- output -------------------------------------------------------------------
     def start_reader(self, fd: int, stream: int) -> None:
@@ -149,7 +152,7 @@ class ContainerEntry:
         return self._open_streams == 0 or time.monotonic() - self._exited_at > STREAM_GRACE_S
 
     # -- attach -------------------------------------------------------------------
-    def attach(self, chan, with_stdin: bool, live: bool = False) -> None:
+    def attach(self, chan, with_stdin: bool, live: bool = False, offsets: dict | None = None) -> None:
         with self._lock:
             if live:
                 feed, gen = _Feed(LIVE_QUEUE_BYTES), None
@@ -157,7 +160,9 @@ class ContainerEntry:
             else:
                 # one log pump at a time: a re-attach replaces a (dead) earlier one
                 self._pump_gen += 1
-                feed, gen = self._replay, self._pump_gen
+                start = offsets or self._replay.resume_point(
+                    {STREAM_NAMES[s]: n for s, n in self._delivered.items()})[0]
+                feed, gen = RingReader(self._replay, start), self._pump_gen
                 self._cond.notify_all()
             first_stdin = with_stdin and self._stdin_fd is not None and not self._stdin_attached
             if with_stdin:
@@ -168,7 +173,7 @@ class ContainerEntry:
             threading.Thread(target=self._stdin_loop, args=(chan, first_stdin), daemon=True,
                              name=f"ctr-in-{self.id[:12]}").start()
 
-    def _send_loop(self, chan, feed: _Feed, gen: int | None) -> None:
+    def _send_loop(self, chan, feed, gen: int | None) -> None:
         def gone():
             t = chan.get_transport()
             return chan.closed or t is None or not t.is_active() or (gen is not None and gen != self._pump_gen)
@@ -183,24 +188,23 @@ class ContainerEntry:
                     items = feed.take()
                     done = self._output_done() and not items
                     status = self.status
-                sent = 0
+                    mark = dict(feed.cursor) if gen is not None else None
                 try:
                     for stream, data in items:
                         if stream == 1:
                             chan.sendall(data)
                         else:
                             chan.sendall_stderr(data)
-                        sent += 1
+                    if mark is not None:
+                        with self._lock:
+                            self._delivered = mark
                     if done:
                         chan.send_exit_status(pid1.exit_code(status))
                         chan.shutdown_write()
                         chan.close()
                         return
                 except Exception:
-                    if gen is not None:  # the host went away mid-send: replay it next time
-                        with self._lock:
-                            feed.put_back(items[sent:])
-                    return
+                    return  # the host went away mid-send: its next attach names its offsets
         finally:
             if gen is None:
                 with self._lock:

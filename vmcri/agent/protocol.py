@@ -206,8 +206,15 @@ def _run(p):
 
 def _attach(p):
     # live: output from now on only, leaving the replay buffer to the log pump (containers)
-    return {"id": check_id("id", p.get("id")), "stdin": _bool("stdin", p.get("stdin", False)),
-            "live": _bool("live", p.get("live", False))}
+    out = {"id": check_id("id", p.get("id")), "stdin": _bool("stdin", p.get("stdin", False)),
+           "live": _bool("live", p.get("live", False))}
+    # offsets (log pump): bytes of each stream the host already has; replay starts after them
+    offsets = p.get("offsets")
+    if offsets is not None:
+        if not isinstance(offsets, dict) or set(offsets) - {"stdout", "stderr"}:
+            raise ProtocolError("offsets: expected {\"stdout\": N, \"stderr\": M}")
+        out["offsets"] = {k: _int(f"offsets.{k}", v, 0, 1 << 62) for k, v in offsets.items()}
+    return out
 
 
 # -- containers (crun in the guest; handlers in handlers_container.py) ----------------

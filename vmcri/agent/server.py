@@ -201,9 +201,15 @@ class SessionServer(paramiko.ServerInterface):
             self._procs[chan.get_id()] = proc
             self._chans[chan.get_id()] = chan
         head = {"id": proc.id, "pid": proc.pid, "dropped": proc.dropped, "exited": proc.status is not None}
+        start = None
+        if method == "attach" and not params["live"] and hasattr(proc, "resume_point"):
+            start, head["dropped"] = proc.resume_point(params.get("offsets"))
+            head["offsets"] = {"stdout": start[1], "stderr": start[2]}
         chan.sendall(protocol.encode_reply(head))
         if method == "attach" and params["live"]:
             proc.attach(chan, with_stdin, live=True)
+        elif start is not None:
+            proc.attach(chan, with_stdin, offsets=start)
         else:
             proc.attach(chan, with_stdin)
 

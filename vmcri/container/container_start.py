@@ -2,10 +2,21 @@
 the agent connection (an SSH channel per container) and are written as CRI log
 lines by the host. When the channel ends with an exit status, the row becomes
 EXITED; if the connection drops, the pump re-attaches and the agent replays
-what it buffered meanwhile."""
+from its output ring.
+
+Exactly once, across reconnects and daemon restarts: the agent's ring keeps absolute
+byte offsets per stream, and the pump names the offsets it has written when it attaches.
+The pump persists them (`log-offsets.json` in the container's private state dir) right
+after each log write, counting only bytes that reached the file (an unfinished line
+still in the writer is replayed). Remaining window: a daemon killed between a log write
+and the offsets write repeats that one chunk after restart; output older than the ring
+(1 MiB per container) when the host comes back is lost and logged as dropped.
+"""
 from __future__ import annotations
 
+import json
 import logging
+import os
 import select
 import threading
 import time
@@ -50,6 +61,47 @@ def ensure_pump(svc, rec) -> "LogPump":
         return pump
 
 
+OFFSETS_FILE = "log-offsets.json"
+STREAMS = ("stdout", "stderr")
+
+
+class LogOffsets:
+    """Per-stream bytes of a container's output that are in its log file, kept on disk."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.received = dict.fromkeys(STREAMS, 0)  # handed to the writer, this daemon's life
+        self.saved = self._load()
+        self.received.update(self.saved)
+
+    def _load(self) -> dict:
+        try:
+            with open(self.path, "rb") as f:
+                data = json.loads(f.read(4096))
+            return {s: int(data[s]) for s in STREAMS if int(data.get(s, 0)) >= 0}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return dict.fromkeys(STREAMS, 0)
+
+    def resume_at(self, start: dict | None) -> None:
+        """The agent said where its replay starts (later than asked if it dropped some)."""
+        if start:
+            for s in STREAMS:
+                if start.get(s, 0) != self.received[s]:
+                    self.received[s] = int(start.get(s, 0))
+
+    def commit(self, written: dict) -> None:
+        if written == self.saved:
+            return
+        tmp = self.path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(written, f)
+            os.replace(tmp, self.path)
+            self.saved = dict(written)
+        except OSError as e:  # container removed under us, or a full disk: logs still flow
+            log.debug("log offsets %s: %s", self.path, e)
+
+
 class LogPump:
     RETRY_S = 0.5
 
@@ -57,6 +109,7 @@ class LogPump:
         self.svc = svc
         self.rec = rec
         self.writer = CriLogWriter(rec.log_path) if rec.log_path else None
+        self.offsets = LogOffsets(os.path.join(svc.dirs(rec).private, OFFSETS_FILE))
         self._stop = threading.Event()
         self._attached = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"log-{rec.id[:12]}", daemon=True)
@@ -83,8 +136,15 @@ class LogPump:
                 pass
 
     def _write(self, stream: str, data: bytes) -> None:
-        if self.writer is not None and data:
+        if not data:
+            return
+        off = self.offsets
+        off.received[stream] += len(data)
+        if self.writer is not None:
             self.writer.write(stream, data)
+            off.commit({s: off.received[s] - self.writer.pending_bytes(s) for s in STREAMS})
+        else:
+            off.commit(dict(off.received))
 
     def _loop(self) -> None:
         from vmcri.channel import AgentError
@@ -95,7 +155,11 @@ class LogPump:
                 break
             try:
                 agent = self.svc.sandboxes.agent(sb)
-                self._stream = agent.attach(self.rec.id)
+                self._stream = agent.attach(self.rec.id, offsets=dict(self.offsets.received))
+                if self._stream.dropped:
+                    log.warning("log pump %s: the guest no longer held %d bytes of output",
+                                self.rec.id[:12], self._stream.dropped)
+                self.offsets.resume_at(self._stream.offsets)
             except AgentError as e:
                 log.debug("log pump %s: attach failed: %s", self.rec.id[:12], e)
                 self._attached.set()
@@ -107,7 +171,8 @@ class LogPump:
                 break
             self._stop.wait(self.RETRY_S)  # connection lost: re-attach
         if self.writer is not None:
-            self.writer.close()
+            self.writer.close()  # an unfinished line goes out as a P entry: count it as written
+            self.offsets.commit(dict(self.offsets.received))
         if status is not None:
             from vmcri.container.container_stop import mark_exited
             mark_exited(self.svc, self.svc.table.get(self.rec.id) or self.rec, exit_code=status)

@@ -108,6 +108,11 @@ class CriLogWriter:
                 buf.clear()
                 i += 1
 
+    def pending_bytes(self, stream: str) -> int:
+        """Bytes of `stream` taken in but not yet in the file (an unfinished line)."""
+        with self._lock:
+            return len(self._pending[stream])
+
     def flush_partial(self) -> None:
         """Write pending bytes of both streams as P entries (the stream ended mid-line)."""
         with self._lock:
