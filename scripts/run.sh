@@ -27,4 +27,4 @@ else
   for _ in $(seq 1 100); do [ -S "$sock" ] && break; sleep 0.2; done
   [ -S "$sock" ] || { tail -20 /var/log/vmcri/vmcri.log; exit 1; }
 fi
-"$VENV/bin/vmcri" demo --socket "$sock"
+"$VENV/bin/vmcri" demo --socket "$sock" --html /var/lib/vmcri/demo-report.html
