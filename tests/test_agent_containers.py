@@ -376,3 +376,38 @@ def test_set_sysctls_in_the_guest(guest):
     with pytest.raises(AgentError) as e:
         c.call("set_sysctls", sysctls={"net.no_such.knob": "1"})
     assert e.value.kind == "InvalidArgument" and "sysctls.net.no_such.knob" in str(e.value)
+
+
+def test_bad_pod_sysctl_names_are_refused_before_any_vm():
+    from vmcri.errors import InvalidArgument
+    from vmcri.sandbox.sandbox_run import validate
+    sb = sandbox()
+    sb.linux.sysctls["kernel/../../../etc/x"] = "1"
+    with pytest.raises(InvalidArgument) as e:
+        validate(sb)
+    assert "config.linux.sysctls." in str(e.value)
+
+
+@pytest.mark.vm
+def test_run_pod_sandbox_sets_the_pod_sysctls_guest_wide():
+    from tests.support.fx_daemon import make_daemon
+    from vmcri import config as config_mod
+    from vmcri.daemon import Runtime
+    d = make_daemon('cni_conf_dir = ""', prefix="vmcri-sysctl-")
+    rt, sid = None, None
+    sb = sandbox()
+    sb.log_directory = ""
+    sb.linux.sysctls.update({"net.ipv4.ip_forward": "1", "kernel.shm_rmid_forced": "1"})
+    try:
+        rt = Runtime(config_mod.load(d.config_path))
+        sid = rt.sandboxes.run(sb)
+        agent = rt.sandboxes.agent(rt.sandboxes.get(sid))
+        rc, out, _ = agent.run(["cat", "/proc/sys/net/ipv4/ip_forward", "/proc/sys/kernel/shm_rmid_forced"])
+        assert (rc, out) == (0, b"1\n1\n")
+    finally:
+        if sid:
+            rt.sandboxes.stop(sid)
+            rt.sandboxes.remove(sid)
+        if rt is not None:
+            rt.close()
+        shutil.rmtree(d.base, ignore_errors=True)
