@@ -17,8 +17,8 @@ def markdown(res: dict) -> str:
     labels = list(res.get("p1", {}))
     L = [f"# vmcri bench — {res['meta']['started']} ({res['meta']['mode']})", "",
          f"Host: {res['meta']['host']}. TCG, wall clock, medians unless noted. "
-         f"Variants: " + "; ".join(f"**{k}** = image `{os.path.basename(os.path.realpath(v['image_dir']))}`, "
-                                   f"tb-cache {v['tb_mib']} MiB" for k, v in res.get("p1", {}).items()), ""]
+         "Variants: " + "; ".join(f"**{v['label']}** = image `{os.path.basename(os.path.realpath(v['image_dir']))}`, "
+                                  f"tb-cache {v['tb_mib']} MiB" for v in res["meta"].get("variants", [])), ""]
     if labels:
         head = "| metric | " + " | ".join(labels) + " |"
         L += ["## P1 sandbox ready (interleaved with the floor, same run)", "", head,
@@ -143,7 +143,8 @@ def plot(res: dict, path: str) -> None:
     ax.set_xlabel("pods (N)")
     ax.set_ylabel("seconds")
     ax.set_title("P6 density")
-    ax.legend(loc="upper left")
+    if rows:
+        ax.legend(loc="upper left")
     if rr:
         ax2.legend(loc="lower right")
     fig.tight_layout()
