@@ -273,7 +273,12 @@ class AgentClient:
                 self._drop(str(e))
             raise AgentError(f"opening agent channel failed: {e}") from e
         # exec_command/get_pty wait without a timeout: a watchdog closes the channel
-        timer = threading.Timer(_remaining(deadline), chan.close)
+        expired = threading.Event()
+
+        def expire():
+            expired.set()
+            chan.close()
+        timer = threading.Timer(_remaining(deadline), expire)
         timer.daemon = True
         timer.start()
         try:
@@ -282,7 +287,8 @@ class AgentClient:
             chan.exec_command(command)
         except paramiko.SSHException as e:
             chan.close()
-            if time.monotonic() >= deadline:
+            # the watchdog may fire a hair before `deadline` by the monotonic clock
+            if expired.is_set() or time.monotonic() >= deadline:
                 raise AgentTimeout("agent did not answer the exec request in time") from e
             raise AgentError(f"agent exec request failed: {e}") from e
         finally:

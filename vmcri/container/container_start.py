@@ -51,13 +51,15 @@ def start_container(svc, container_id: str) -> None:
     svc.emit(rec.id, "STARTED")
 
 
-def ensure_pump(svc, rec) -> "LogPump":
+def ensure_pump(svc, rec, wait: bool = True) -> "LogPump":
+    """`wait`: until the first attach is answered (StartContainer must not miss output).
+    Daemon start does not wait: one silent guest must not hold up serving everyone."""
     with svc.pumps_lock:
         pump = svc.pumps.get(rec.id)
         if pump is None or not pump.alive():
             pump = LogPump(svc, rec)
             svc.pumps[rec.id] = pump
-            pump.start()
+            pump.start(wait)
         return pump
 
 
@@ -115,9 +117,10 @@ class LogPump:
         self._thread = threading.Thread(target=self._loop, name=f"log-{rec.id[:12]}", daemon=True)
         self._stream = None
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
         self._thread.start()
-        self._attached.wait(self.svc.cfg.agent_timeout_s)
+        if wait:
+            self._attached.wait(self.svc.cfg.agent_timeout_s)
 
     def alive(self) -> bool:
         return self._thread.is_alive()

@@ -110,4 +110,4 @@ class ContainerService:
             if rec.state == "RUNNING":
                 sb = self.sandboxes.find(rec.sandbox_id)
                 if sb is not None and sb.state == "READY":
-                    ensure_pump(self, rec)
+                    ensure_pump(self, rec, wait=False)
