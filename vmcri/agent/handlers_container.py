@@ -413,14 +413,15 @@ def _create(agent, entry: ContainerEntry, bundle: str, state: str) -> None:
             os.close(fd)
         close_after = []
         status = pid1.wait_status(agent.reaper, pid, CRUN_TIMEOUT_S)
+        try:
+            why = _read_small(log, MAX_CRUN_OUTPUT).strip()
+        except OSError:
+            why = ""
         if status is None:
             os.kill(pid, signal.SIGKILL)
-            raise AgentCallError("DeadlineExceeded", f"crun create {entry.id}: no answer in {CRUN_TIMEOUT_S}s")
+            raise AgentCallError("DeadlineExceeded", f"crun create {entry.id}: no answer in "
+                                                     f"{CRUN_TIMEOUT_S}s (crun log: {why or 'empty'})")
         if pid1.exit_code(status) != 0:
-            try:
-                why = _read_small(log, MAX_CRUN_OUTPUT).strip()
-            except OSError:
-                why = ""
             raise AgentCallError("Failed", f"crun create {entry.id} exited {pid1.exit_code(status)}: "
                                            f"{why or 'no message'}")
         if listener is not None:

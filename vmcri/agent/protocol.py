@@ -21,6 +21,11 @@ A process started by `run` outlives the channel: output produced while nobody is
 is kept (PROCESS_BUFFER_BYTES per process, oldest dropped first, counted in `dropped`),
 and `attach` with the process id resumes its stream and exit status.
 
+A container (`container_create`, crun in the guest) is such an entry too, under its
+container id, kept until `container_delete`: `attach` streams its init's output and exit
+status; several attachers may be on at once (`live` ones get output from now on only).
+Its bundle is always container_bundle(id), inside the host-shared 9p mount.
+
 This module is stdlib only: it runs inside the guest.
 """
 from __future__ import annotations
