@@ -47,6 +47,9 @@ class Config:
     # 32 MiB flushes during boot: 64 cut qemu CPU to agent-ready ~10% for +37 MiB RSS (bench/README.md)
     tcg_tb_cache_mib: int = 64
     agent_timeout_s: float = 90.0
+    # Warm pool (docs/warm-pool.md): pod VMs of the default shape booted ahead of time.
+    pool_size: int = 0
+    pool_max_concurrent_boots: int = 1
 
     cni_conf_dir: str = "/etc/cni/net.d"
     cni_bin_dirs: list[str] = field(default_factory=lambda: ["/opt/cni/bin", "/usr/lib/cni"])
@@ -175,6 +178,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("min_memory_mib: the guest does not boot below 128")
     if cfg.default_memory_mib < cfg.min_memory_mib:
         raise ConfigError(f"default_memory_mib: {cfg.default_memory_mib} is below min_memory_mib {cfg.min_memory_mib}")
+    if not 0 <= cfg.pool_size <= 64:
+        raise ConfigError(f"pool_size: {cfg.pool_size} is not within 0..64")
+    if not 1 <= cfg.pool_max_concurrent_boots <= 16:
+        raise ConfigError(f"pool_max_concurrent_boots: {cfg.pool_max_concurrent_boots} is not within 1..16")
     if cfg.default_vcpus > cfg.max_vcpus:
         raise ConfigError(f"default_vcpus: {cfg.default_vcpus} is above max_vcpus {cfg.max_vcpus}")
 

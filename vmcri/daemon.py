@@ -48,6 +48,9 @@ class Runtime:
         self.sandboxes = SandboxService(self.cfg, self.store, self.hv, self.accel,
                                         network=self.network, metrics=self.metrics)
         self.metrics.track_sandbox_states(self.sandboxes.table)
+        from vmcri.sandbox.pool import WarmPool
+        self.pool = self.sandboxes.pool = WarmPool(self.sandboxes, self.cfg.pool_size,
+                                                   self.cfg.pool_max_concurrent_boots)
 
         from vmcri.container.service import ContainerService
         self.containers = ContainerService(self.cfg, self.store, self.sandboxes, self.images,
@@ -118,7 +121,7 @@ class Runtime:
             "libvirtUri": self.cfg.libvirt_uri, "rootDir": self.cfg.root_dir,
             "runDir": self.cfg.run_dir, "guestImageDir": self.cfg.guest_dir,
             "cniConfDir": self.cfg.cni_conf_dir, "cniBinDirs": self.cfg.cni_bin_dirs,
-        })}
+        }), "pool": json.dumps(self.pool.snapshot())}
 
     def close(self) -> None:
         self.store.close()
@@ -152,6 +155,7 @@ def bind_unix(server: grpc.Server, path: str) -> None:
 def serve(cfg: Config) -> None:
     runtime = Runtime(cfg)
     runtime.reconcile()
+    runtime.pool.start()  # after reconcile: adopted VMs count towards the pool size
     grpc_errors.rpc_observers.append(runtime.metrics.observe_rpc)
     if cfg.metrics_port:
         runtime.metrics.serve(cfg.metrics_address, cfg.metrics_port)
@@ -171,6 +175,7 @@ def serve(cfg: Config) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stop.wait()
+    runtime.pool.stop()
     server.stop(grace=5).wait()
     runtime.streaming.stop()
     runtime.close()

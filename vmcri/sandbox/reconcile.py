@@ -5,6 +5,7 @@
 - CREATING row                -> the daemon died mid-create: roll it back entirely
 - domain with vmcri metadata but no row -> destroy it (no VM leaks)
 - netns under our run dir with no row   -> tear down
+- pool VMs: adopted when READY and running, else destroyed (vmcri.sandbox.pool)
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def reconcile(svc) -> dict:
             report["notready"] += 1
         else:
             report["kept"] += 1
+    pool = getattr(svc, "pool", None)
+    if pool is not None:
+        known |= pool.reconcile(domains, {r.id for r in svc.table.all()})
     for sandbox_id, name in by_sandbox.items():
         if sandbox_id not in known:
             log.warning("destroying orphan domain %s (no sandbox row)", name)

@@ -78,8 +78,10 @@ def run_pod_sandbox(svc, config: pb.PodSandboxConfig, runtime_handler: str = "")
                               f"(known: vmcri, default)")
     guest = _guest_image(svc)
     md = config.metadata
-    sandbox_id = secrets.token_hex(32)
     sizing = designer.size(svc.cfg, config.linux)
+    pool = getattr(svc, "pool", None)
+    warm = pool.claim(sizing) if pool is not None else None  # None: boot cold
+    sandbox_id = warm.id if warm is not None else secrets.token_hex(32)
     paths = svc.paths(sandbox_id)
     rec = SandboxRecord(
         id=sandbox_id, name=md.name, namespace=md.namespace, uid=md.uid, attempt=md.attempt,
@@ -88,9 +90,13 @@ def run_pod_sandbox(svc, config: pb.PodSandboxConfig, runtime_handler: str = "")
         labels=dict(config.labels), annotations=dict(config.annotations),
         resources={"vcpus": sizing.vcpus, "memory_mib": sizing.memory_mib,
                    "sizing": sizing.source, "accel": svc.accel.name})
+    if warm is not None:
+        rec.resources["source"] = "pool"
     try:
         svc.table.insert(rec)  # the intent, before any side effect
     except sqlite3.IntegrityError:
+        if warm is not None:
+            pool.give_back(warm)  # untouched: nothing of this pod reached it
         raise AlreadyExists(f"pod sandbox name {md.name}_{md.namespace}_{md.uid}_{md.attempt} "
                             f"is already reserved")
     timings: dict[str, float] = {}
@@ -103,6 +109,9 @@ def run_pod_sandbox(svc, config: pb.PodSandboxConfig, runtime_handler: str = "")
             svc.metrics.observe_sandbox_phase(name, now - since)
         return now
 
+    if warm is not None:
+        from vmcri.sandbox.pool import run_claimed
+        return run_claimed(svc, warm, config, rec, phase, timings, t_start)
     with svc.lock(sandbox_id), contextlib.ExitStack() as undo:
         undo.callback(svc.table.delete, sandbox_id)
         try:

@@ -47,6 +47,7 @@ def verbose_info(svc, rec: SandboxRecord) -> dict[str, str]:
         "netns": rec.netns,
         "network": rec.network,
         "timings": rec.timings,
+        "source": rec.resources.get("source", "cold"),  # "pool": a warm-pool VM was claimed
         "reason": rec.reason,
         "config": json.loads(_config_json(rec)),
     }

@@ -1,0 +1,342 @@
+"""Warm pool: pod VMs booted ahead of time with the default shape, claimed by RunPodSandbox.
+
+A pool VM is a vmcri domain like any other (metadata role "pool", owner = root_dir) with
+its own share dir and agent socket, keyed by an id that becomes the sandbox id when a pod
+claims it, so every path the rest of vmcri derives from a sandbox id already fits. Its row
+in `pool_vms` is written before any side effect; reconcile adopts READY ones and destroys
+everything else. A claimed VM is never given back: it dies with its pod.
+
+A pool VM has no NIC: the claim hot-plugs one once CNI has made the pod's veth.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+
+import jinja2
+import libvirt
+from cri_api.v1 import api_pb2 as pb
+
+from vmcri.errors import InvalidArgument, Unavailable
+from vmcri.sandbox import designer, hostfs
+from vmcri.sandbox.domain import METADATA_NS, NicSpec, SandboxMeta, render_domain
+from vmcri.sandbox.model import READY, now_ns
+from vmcri.store import dumps, loads
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pool_vms (
+    id         TEXT PRIMARY KEY,       -- becomes the sandbox id of the pod that claims it
+    domain     TEXT NOT NULL,
+    state      TEXT NOT NULL,          -- BOOTING | READY
+    vcpus      INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL,
+    host_key   TEXT NOT NULL DEFAULT '',
+    timings    TEXT NOT NULL DEFAULT '{}'
+);
+"""
+BOOTING = "BOOTING"
+CLAIM_PING_S = 5.0  # a pool VM whose agent does not answer this fast is dropped, not waited on
+MAX_BACKOFF_S = 60.0
+
+_templates = jinja2.Environment(loader=jinja2.PackageLoader("vmcri", "templates"),
+                                autoescape=True, undefined=jinja2.StrictUndefined)
+
+
+def render_nic(nic: NicSpec) -> str:
+    return _templates.get_template("pool_nic.xml.j2").render(nic=nic)
+
+
+def render_metadata(meta: SandboxMeta) -> str:
+    return _templates.get_template("pool_metadata.xml.j2").render(meta=meta, metadata_ns=METADATA_NS)
+
+
+@dataclass
+class PoolVM:
+    id: str
+    domain: str
+    vcpus: int
+    memory_mib: int
+    host_key: str = ""
+    timings: dict = field(default_factory=dict)
+    client: object = None  # AgentClient; made on first use for an adopted VM
+
+
+class WarmPool:
+    def __init__(self, svc, size: int, max_concurrent_boots: int = 1):
+        if size < 0:
+            raise InvalidArgument(f"pool_size: must not be negative, got {size}")
+        if max_concurrent_boots < 1:
+            raise InvalidArgument(f"pool_max_concurrent_boots: must be at least 1, got {max_concurrent_boots}")
+        self.svc = svc
+        self.size = size
+        self.max_boots = max_concurrent_boots
+        self.store = svc.table.store
+        self.store.ensure_schema(SCHEMA)
+        self._ready: list[PoolVM] = []
+        self._booting = 0
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failures = 0
+        self.stats = {"claimed": 0, "booted": 0, "boot_failures": 0, "adopted": 0, "dropped": 0}
+
+    # -- shape ----------------------------------------------------------------
+    def shape(self) -> designer.Sizing:
+        return designer.size(self.svc.cfg, pb.LinuxPodSandboxConfig())
+
+    def fits(self, sizing: designer.Sizing) -> bool:
+        want = self.shape()
+        return (sizing.vcpus, sizing.memory_mib) == (want.vcpus, want.memory_mib)
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self) -> None:
+        if self.size == 0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._refill_loop, name="pool-refill", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop refilling; READY pool VMs keep running and are adopted at the next start."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def snapshot(self) -> dict:
+        with self._cond:
+            return {"size": self.size, "ready": len(self._ready), "booting": self._booting,
+                    "maxConcurrentBoots": self.max_boots, **self.stats,
+                    "shape": {"vcpus": self.shape().vcpus, "memoryMiB": self.shape().memory_mib}}
+
+    def _refill_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                want = self.size - len(self._ready) - self._booting
+                if want > 0 and self._booting < self.max_boots:
+                    self._booting += 1
+                    threading.Thread(target=self._boot_guarded, name="pool-boot", daemon=True).start()
+                    continue
+                self._cond.wait(timeout=5.0)
+
+    def _boot_guarded(self) -> None:
+        try:
+            vm = self._boot()
+        except Exception as e:
+            log.warning("warm pool: boot failed: %s", e)
+            with self._cond:
+                self._booting -= 1
+                self.stats["boot_failures"] += 1
+                self._failures += 1
+                delay = min(MAX_BACKOFF_S, 2.0 ** self._failures)
+            self._stop.wait(delay)  # a broken guest image must not turn into a boot loop
+            with self._cond:
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._booting -= 1
+            self._failures = 0
+            self.stats["booted"] += 1
+            self._ready.append(vm)
+            self._cond.notify_all()
+        log.info("warm pool: VM %s ready in %.2fs", vm.domain, vm.timings.get("total", 0))
+
+    def _boot(self) -> PoolVM:
+        from vmcri.channel import AgentClient
+        from vmcri.sandbox.sandbox_run import _guest_image
+        svc, cfg = self.svc, self.svc.cfg
+        guest = _guest_image(svc)
+        vm_id = secrets.token_hex(32)
+        sizing = self.shape()
+        paths = svc.paths(vm_id)
+        vm = PoolVM(id=vm_id, domain=designer.domain_name(vm_id), vcpus=sizing.vcpus,
+                    memory_mib=sizing.memory_mib)
+        t0 = time.monotonic()
+        self.store.execute(  # the intent, before any side effect
+            "INSERT INTO pool_vms (id, domain, state, vcpus, memory_mib, created_ns)"
+            " VALUES (?,?,?,?,?,?)", (vm.id, vm.domain, BOOTING, vm.vcpus, vm.memory_mib, now_ns()))
+        with contextlib.ExitStack() as undo:
+            undo.callback(self._delete_row, vm.id)
+            os.makedirs(paths.state_dir, mode=0o700)
+            undo.callback(shutil.rmtree, paths.state_dir, ignore_errors=True)
+            os.makedirs(paths.run_dir, mode=0o700, exist_ok=True)
+            undo.callback(shutil.rmtree, paths.run_dir, ignore_errors=True)
+            hostfs.make_shared_dir(paths.share_dir)
+            undo.callback(hostfs.unmount_tree, paths.share_dir)
+            config = pb.PodSandboxConfig(metadata=pb.PodSandboxMetadata())
+            spec = designer.design(cfg, sandbox_id=vm.id, config=config, sizing=sizing,
+                                   accel=svc.accel, guest=guest, paths=paths, role="pool")
+            svc.hv.create(render_domain(spec))
+            undo.callback(svc.hv.destroy, vm.domain)
+            client = AgentClient(paths.agent_socket, call_timeout=cfg.agent_timeout_s)
+            undo.callback(client.close)
+            client.wait_ready(timeout=cfg.agent_timeout_s)
+            vm.client, vm.host_key = client, client.host_key_fingerprint or ""
+            vm.timings = {"total": round(time.monotonic() - t0, 4)}
+            self.store.execute("UPDATE pool_vms SET state = ?, host_key = ?, timings = ? WHERE id = ?",
+                               (READY, vm.host_key, dumps(vm.timings), vm.id))
+            if self._stop.is_set():
+                raise Unavailable("the daemon is stopping")
+            undo.pop_all()
+        return vm
+
+    # -- claim ----------------------------------------------------------------
+    def claim(self, sizing: designer.Sizing) -> PoolVM | None:
+        """A live pool VM of this shape, taken out of the pool; None when there is none."""
+        if self.size == 0 or not self.fits(sizing):
+            return None
+        while True:
+            with self._cond:
+                if not self._ready:
+                    return None
+                vm = self._ready.pop(0)
+                self._cond.notify_all()  # refill
+            if self._alive(vm):
+                self.stats["claimed"] += 1
+                return vm
+            log.warning("warm pool: VM %s is not answering; destroying it", vm.domain)
+            self.stats["dropped"] += 1
+            self.destroy(vm.id, vm.domain, vm.client)
+
+    def give_back(self, vm: PoolVM) -> None:
+        """Only for a VM nothing was done with (the pod's name was taken)."""
+        self.stats["claimed"] -= 1
+        with self._cond:
+            self._ready.insert(0, vm)
+
+    def _alive(self, vm: PoolVM) -> bool:
+        from vmcri.channel import AgentClient, AgentError
+        if not self.svc.hv.is_running(vm.domain):
+            return False
+        if vm.client is None:
+            vm.client = AgentClient(self.svc.paths(vm.id).agent_socket,
+                                    call_timeout=self.svc.cfg.agent_timeout_s)
+            vm.client.host_key_fingerprint = vm.host_key or None  # same VM we booted, or none
+        try:
+            vm.client.call("ping", timeout=CLAIM_PING_S)
+            return True
+        except (AgentError, OSError):
+            return False
+
+    def forget(self, vm_id: str) -> None:
+        """The pod's sandbox row owns this VM now."""
+        self._delete_row(vm_id)
+
+    def _delete_row(self, vm_id: str) -> None:
+        self.store.execute("DELETE FROM pool_vms WHERE id = ?", (vm_id,))
+
+    def destroy(self, vm_id: str, domain: str, client=None) -> None:
+        from vmcri.sandbox.sandbox_stop import release_host_files
+        if client is not None:
+            client.close()
+        self.svc.hv.destroy(domain)
+        release_host_files(self.svc, vm_id)
+        self._delete_row(vm_id)
+
+    # -- reconcile ------------------------------------------------------------
+    def reconcile(self, domains: dict[str, SandboxMeta], sandbox_ids: set[str]) -> set[str]:
+        """Adopt READY pool VMs still running (up to the pool size, same shape); destroy the
+        rest, and pool-role domains without a row. Returns the ids it dealt with."""
+        handled: set[str] = set()
+        want = self.shape()
+        running = {meta.sandbox_id: name for name, meta in domains.items()}
+        for row in self.store.query("SELECT * FROM pool_vms ORDER BY created_ns"):
+            handled.add(row["id"])
+            if row["id"] in sandbox_ids:  # claimed just before a crash: the sandbox row owns it
+                self._delete_row(row["id"])
+                continue
+            alive = row["domain"] in domains and self.svc.hv.is_running(row["domain"])
+            keep = (alive and row["state"] == READY and len(self._ready) < self.size
+                    and (row["vcpus"], row["memory_mib"]) == (want.vcpus, want.memory_mib))
+            if keep:
+                self._ready.append(PoolVM(id=row["id"], domain=row["domain"], vcpus=row["vcpus"],
+                                          memory_mib=row["memory_mib"], host_key=row["host_key"],
+                                          timings=loads(row["timings"], {})))
+                self.stats["adopted"] += 1
+                log.info("warm pool: adopted VM %s", row["domain"])
+            else:
+                log.warning("warm pool: destroying %s VM %s", row["state"], row["domain"])
+                self.destroy(row["id"], row["domain"])
+        for sandbox_id, name in running.items():
+            meta = domains[name]
+            if meta.role == "pool" and sandbox_id not in handled and sandbox_id not in sandbox_ids:
+                log.warning("warm pool: destroying pool domain %s (no row)", name)
+                self.destroy(sandbox_id, name)
+                handled.add(sandbox_id)
+        return handled
+
+
+def run_claimed(svc, vm: PoolVM, config: pb.PodSandboxConfig, rec, phase, timings: dict,
+                t_start: float) -> str:
+    """Turn a claimed pool VM into the pod `rec` (its row already inserted as CREATING).
+    Any failure destroys the VM: a claimed VM never goes back to the pool."""
+    from vmcri.channel import AgentError
+    from vmcri.container.ocispec import sandbox_sysctls
+    from vmcri.sandbox.sandbox_run import _configure_guest, _network_row
+    md = config.metadata
+    with svc.lock(rec.id), contextlib.ExitStack() as undo:
+        undo.callback(svc.table.delete, rec.id)
+        undo.callback(svc.pool.destroy, vm.id, vm.domain, vm.client)
+        svc.pool.forget(vm.id)
+        try:
+            dom = svc.hv.lookup(vm.domain)
+            if dom is None:
+                raise Unavailable(f"pool VM {vm.domain} vanished while being claimed")
+            meta = SandboxMeta(sandbox_id=rec.id, pod_name=md.name, pod_namespace=md.namespace,
+                               pod_uid=md.uid, attempt=md.attempt, role="pod",
+                               owner=svc.cfg.root_dir)
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, render_metadata(meta), "vmcri",
+                            METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            t = phase("claim", t_start)
+
+            net = None
+            if svc.network is not None and svc.cfg.cni_conf_dir:
+                net = svc.network.setup(rec.id, md.name, md.namespace, md.uid,
+                                        list(config.port_mappings), config.dns_config)
+                undo.callback(svc.network.teardown, rec.id, net.netns_path)
+                svc.table.update(rec.id, netns=net.netns_path, network=_network_row(net))
+                t = phase("network", t)
+                if net.interfaces:
+                    nic = NicSpec(mac=net.interfaces[0]["mac"], tap=designer.tap_name(rec.id),
+                                  mtu=getattr(net, "mtu", 0) or 0)
+                    try:
+                        dom.attachDeviceFlags(render_nic(nic), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                    except libvirt.libvirtError as e:
+                        raise Unavailable(f"hot-plugging the pod NIC into {vm.domain} failed: {e}") from e
+                    svc.network.attach_tap(net.netns_path, nic.tap)
+                    t = phase("nic-hotplug", t)
+
+            client = vm.client
+            hostname = config.hostname or md.name
+            ips = [ip["address"].split("/")[0] for ip in (net.ips if net else [])]
+            try:
+                _configure_guest(client, hostname, ips, config.dns_config, net)
+            except AgentError as e:
+                raise Unavailable(f"configuring the guest failed: {e}") from e
+            sysctls = sandbox_sysctls(config)
+            if sysctls:
+                try:
+                    client.call("set_sysctls", sysctls=sysctls)
+                except AgentError as e:
+                    err = InvalidArgument if e.kind == "InvalidArgument" else Unavailable
+                    raise err(f"config.linux.sysctls: setting them in the guest failed: {e}") from e
+            phase("configure", t)
+        except BaseException:
+            log.warning("RunPodSandbox %s (%s/%s) from the warm pool failed; destroying the VM",
+                        rec.id[:12], md.namespace, md.name)
+            raise
+        timings["total"] = round(time.monotonic() - t_start, 4)
+        svc.table.update(rec.id, state=READY, timings=timings,
+                         host_key=client.host_key_fingerprint or "")
+        svc.set_agent(rec.id, client)
+        undo.pop_all()
+    log.info("pod %s/%s claimed warm VM %s, ready in %.2fs %s", md.namespace, md.name,
+             vm.domain, timings["total"], timings)
+    return rec.id
