@@ -63,10 +63,16 @@ def trial(d, n: int, concurrent: bool, tag: str) -> dict:
     return row
 
 
-def measure(config: str, image_dir: str, sizes=(5, 10, 20)) -> list[dict]:
-    rows = []
+def measure(config: str, image_dir: str, sizes=(5, 10, 20), seq_sizes=None, rows=None,
+            on_row=lambda: None) -> list[dict]:
+    """seq_sizes: the N run sequentially (default: all of sizes); every N runs concurrently.
+    Rows are appended to `rows` as they finish and on_row() is called, so partial results survive."""
+    seq = sizes if seq_sizes is None else seq_sizes
+    rows = [] if rows is None else rows
     with daemon(config, image_dir) as d:
-        for n in sizes:
+        for n in sorted(set(sizes) | set(seq)):
             for concurrent in (False, True):
-                rows.append(trial(d, n, concurrent, f"p6-{n}-{'c' if concurrent else 's'}"))
+                if (n in seq) if not concurrent else (n in sizes):
+                    rows.append(trial(d, n, concurrent, f"p6-{n}-{'c' if concurrent else 's'}"))
+                    on_row()
     return rows

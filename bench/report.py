@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
+import sys
 
 
 def _f(x, fmt="{:.2f}", unit=""):
@@ -28,7 +30,11 @@ def markdown(res: dict) -> str:
             ("floor: raw qemu → agent answers (s)", lambda r: _f(r["floor_s"]["median"])),
             ("RunPodSandbox → returns, agent answering (s)", lambda r: _f(r["sandbox_s"]["median"])),
             ("  min–max (s)", lambda r: f"{r['sandbox_s']['min']:.2f}–{r['sandbox_s']['max']:.2f}"),
-            ("**ratio sandbox / floor**", lambda r: _f(r["ratio_median"], "**{:.2f}**")),
+            ("**ratio sandbox / floor** (medians)", lambda r: _f(r["ratio_median"], "**{:.2f}**")),
+            ("ratio sandbox / floor, per interleaved pair (median; min–max)",
+             lambda r: f"{statistics.median(r['ratio_per_run']):.2f} ({min(r['ratio_per_run']):.2f}–{max(r['ratio_per_run']):.2f})"),
+            ("floor min / sandbox min (s) (least contended run)",
+             lambda r: f"{r['floor_s']['min']:.2f} / {r['sandbox_s']['min']:.2f}"),
             ("qemu CPU to ready, libvirt / floor (s)", lambda r: f"{_f(r.get('qemu_cpu_s_median'))} / {_f(r.get('floor_qemu_cpu_s_median'))}"),
             ("daemon CPU during RunPodSandbox (s)", lambda r: _f(r.get("daemon_cpu_s_median"))),
             ("qemu RSS at ready, libvirt (MiB)", lambda r: _f(_mib(r["qemu_rss_kib_median"]), "{:.0f}")),
@@ -45,6 +51,13 @@ def markdown(res: dict) -> str:
         rows += [(f"floor guest uptime at {k} (s)", lambda r, k=k: _f(r["floor_guest_phases_median"].get(k)))
                  for k in ("python-exec", "paramiko-imported", "agent-ready")]
         L += ["| " + name + " | " + " | ".join(fn(p1[lb]) for lb in labels) + " |" for name, fn in rows]
+        if "before" in p1 and "after" in p1:
+            b, a = p1["before"], p1["after"]
+            cpu = (f"; qemu CPU to ready {a['qemu_cpu_s_median'] / b['qemu_cpu_s_median']:.2f}×"
+                   if a.get("qemu_cpu_s_median") and b.get("qemu_cpu_s_median") else "")
+            L += ["", f"after / before: RunPodSandbox median {a['sandbox_s']['median'] / b['sandbox_s']['median']:.2f}×, "
+                      f"min {a['sandbox_s']['min'] / b['sandbox_s']['min']:.2f}×; floor median "
+                      f"{a['floor_s']['median'] / b['floor_s']['median']:.2f}×{cpu}."]
         L.append("")
     ctr = res.get("p3", {})
     if ctr:
@@ -165,3 +178,11 @@ def write(res: dict, out_dir: str, stem: str = "latest") -> list[str]:
         print(f"plot failed: {e}")
         paths.pop()
     return paths
+
+
+if __name__ == "__main__":  # re-render tables and plot from a results JSON
+    src = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "results", "latest.json")
+    with open(src) as f:
+        data = json.load(f)
+    stem = os.path.splitext(os.path.basename(src))[0]
+    print("\n".join(write(data, os.path.dirname(os.path.abspath(src)), stem)))
