@@ -200,7 +200,8 @@ def test_concurrent_cycles_leak_nothing(lc_daemon, tmp_path):
         assert not [t for t in threads if t.is_alive()], "a cycle hung"
         assert not errors, "\n".join(errors)
         fp = settled_footprint(d, made, want=warm)
-        print(f"round {rnd}: {time.monotonic() - t0:.0f}s, footprint {fp}")
+        shown = {k: len(v) if isinstance(v, frozenset) else v for k, v in fp.items()}
+        print(f"round {rnd}: {time.monotonic() - t0:.0f}s, footprint {shown}")
         if warm is None:
             warm = fp  # worker threads of the gRPC pool exist from the first round on
     # nothing of the pods is left, compared with before any of them
