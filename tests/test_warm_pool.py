@@ -157,3 +157,115 @@ def test_restart_adopts_ready_pool_vm_and_pool_size_zero_destroys_it(env):
         write_config(d.config_path, d.root_dir, d.run_dir, d.socket,
                      POOL_CONFIG % images.registry)
         d.restart()
+
+
+def test_measure_claim_vs_cold_vs_raw_floor(env):
+    """Measured, not asserted: claim-path RunPodSandbox, a cold one, and the raw-qemu floor
+    (bench/boot_floor.py) in one run, printed and written to $VMCRI_POOL_BENCH_OUT if set."""
+    from bench import boot_floor
+    from vmcri import guestimage
+    from vmcri.config import Config
+    d, _ = env
+    wait_pool(d)
+    sid, claim_s = run_pod(d, pod_config("bench-warm"))
+    claim_timings = sandbox_info(d, sid)["timings"]
+    assert sandbox_info(d, sid)["source"] == "pool"
+    remove_pod(d, sid)
+    wait_pool(d)  # idle again: nothing else boots during the next two
+    img = guestimage.locate(Config(guest_image_dir=os.environ.get(
+        "VMCRI_TEST_GUEST_DIR", "/var/lib/vmcri/guest/current")))
+    floor_s = boot_floor.one_run("raw", img, 256, 1)["ping_s"]
+    cfg = pod_config("bench-cold")
+    cfg.linux.resources.memory_limit_in_bytes = 300 * 1024 * 1024  # another shape: boots cold
+    sid, cold_s = run_pod(d, cfg)
+    cold_timings = sandbox_info(d, sid)["timings"]
+    assert sandbox_info(d, sid)["source"] == "cold"
+    remove_pod(d, sid)
+    result = {"claim_rpc_s": round(claim_s, 3), "cold_rpc_s": round(cold_s, 3),
+              "raw_floor_s": round(floor_s, 3), "claim_over_floor": round(claim_s / floor_s, 3),
+              "cold_over_floor": round(cold_s / floor_s, 3),
+              "claim_timings": claim_timings, "cold_timings": cold_timings}
+    print("warm-pool bench:", json.dumps(result))
+    if os.environ.get("VMCRI_POOL_BENCH_OUT"):
+        with open(os.environ["VMCRI_POOL_BENCH_OUT"], "w") as f:
+            json.dump(result, f, indent=1)
+    assert claim_s > 0 and floor_s > 0
+
+
+# -- pod network on a claimed VM: CNI ADD, NIC hot-plug, tap wiring, configure_nic --------
+PEER_IP, POD_IP = "10.89.7.1", "10.89.7.2"
+
+
+@pytest.fixture(scope="module")
+def net_env(daemon_factory, test_images, tmp_path_factory):
+    """host-device CNI hands the pod a veth whose peer sits in a netns we made, so test
+    traffic runs between two private namespaces and never through the host's."""
+    import subprocess
+    import uuid
+
+    from tests.support.fx_cni import SYSTEM_CNI_BIN, run_in
+    from vmcri.network import netns
+    base = str(tmp_path_factory.mktemp("poolnet"))
+    peer = netns.create(os.path.join(base, "ns"), "peer-" + uuid.uuid4().hex[:8])
+    dev = "vmcripd" + uuid.uuid4().hex[:6]
+    subprocess.run(["ip", "link", "add", dev, "type", "veth", "peer", "name", "peer0",
+                    "netns", peer], check=True)
+    run_in(peer, "ip", "addr", "add", f"{PEER_IP}/24", "dev", "peer0")
+    run_in(peer, "ip", "link", "set", "peer0", "up")
+    conf = os.path.join(base, "net.d")
+    os.makedirs(conf)
+    with open(os.path.join(conf, "10-pool.conflist"), "w") as f:
+        json.dump({"cniVersion": "1.0.0", "name": "vmcri-pool-test", "plugins": [
+            {"type": "host-device", "device": dev,
+             "ipam": {"type": "static", "addresses": [{"address": f"{POD_IP}/24"}]}}]}, f)
+    d = daemon_factory(f'cni_conf_dir = "{conf}"\ncni_bin_dirs = ["{SYSTEM_CNI_BIN}"]\n'
+                       f'agent_timeout_s = 300\npool_size = 1\n'
+                       f'insecure_registries = ["{test_images.registry}"]')
+    d.image.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=test_images.single.ref)))
+    yield d, test_images, peer
+    d.stop()
+    subprocess.run(["ip", "link", "del", dev], capture_output=True)
+    netns.delete_path(peer)
+    netns.release_dir(os.path.join(base, "ns"))
+
+
+def test_claimed_vm_gets_the_pod_nic_hot_plugged(net_env):
+    import subprocess
+    import sys
+    d, images, peer = net_env
+    wait_pool(d)
+    cfg = pod_config("warm-net")
+    sid, took = run_pod(d, cfg)
+    print(f"claim-path RunPodSandbox with CNI {took:.2f}s")
+    try:
+        info = sandbox_info(d, sid)
+        assert info["source"] == "pool"
+        for phase in ("claim", "network", "nic-hotplug", "configure", "total"):
+            assert info["timings"][phase] >= 0, phase
+        mac = info["network"]["interfaces"][0]["mac"]
+        ctr = pb.ContainerConfig(
+            metadata=pb.ContainerMetadata(name="srv"), image=pb.ImageSpec(image=images.single.ref),
+            command=["/bin/sh", "-c", "while true; do echo pool-hello | nc -l -p 8080; done"],
+            log_path="srv.log")
+        cid = d.runtime.CreateContainer(pb.CreateContainerRequest(
+            pod_sandbox_id=sid, config=ctr, sandbox_config=cfg)).container_id
+        d.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+        out = d.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["ip", "-o", "addr"],
+                                                    timeout=60))
+        assert f"{POD_IP}/24".encode() in out.stdout, out.stdout
+        out = d.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["ip", "-o", "link"],
+                                                    timeout=60))
+        assert mac.encode() in out.stdout.lower()  # the hot-plugged NIC carries the veth's MAC
+        # real traffic: the peer netns reaches the pod IP, which only the guest holds
+        probe = ("import socket,time\n"
+                 "for _ in range(60):\n"
+                 "    try:\n"
+                 f"        s=socket.create_connection(('{POD_IP}',8080),3); print(s.recv(64).decode()); break\n"
+                 "    except OSError: time.sleep(0.5)\n")
+        got = subprocess.run(["nsenter", f"--net={peer}", sys.executable, "-c", probe],
+                             capture_output=True, text=True, timeout=120)
+        assert "pool-hello" in got.stdout, got
+    finally:
+        remove_pod(d, sid)
+    assert sid not in {m.sandbox_id for m in owned_domains(d.root_dir).values()}
+
