@@ -75,6 +75,9 @@ class Daemon:
 
 def write_config(path: str, root: str, run: str, sock: str, extra: str = "") -> None:
     guest = os.environ.get("VMCRI_TEST_GUEST_DIR", "/var/lib/vmcri/guest/current")
+    if "agent_timeout_s" not in extra:
+        # a hang detector, not a performance bound: shared 2-core hosts boot TCG guests slowly
+        extra += "\nagent_timeout_s = 300"
     with open(path, "w") as f:
         f.write(f'socket_path = "{sock}"\nroot_dir = "{root}"\nrun_dir = "{run}"\n'
                 f'guest_image_dir = "{guest}"\naccel = "tcg"\nlog_level = "debug"\n'
