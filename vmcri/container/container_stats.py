@@ -2,22 +2,35 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from vmcri import stats as st
 
 log = logging.getLogger(__name__)
 _rates = st.CpuRate()
+# A guest whose agent failed a sample is skipped for a while: the List*Stats calls ask every
+# pod in turn, and one silent guest must not cost everyone its timeout on every poll.
+FAILED_SAMPLE_BACKOFF_S = 30.0
+_failed_at: dict[str, float] = {}
 
 
 def _agent_sample(svc, sandbox, method: str, **params) -> dict | None:
     from vmcri.channel import AgentError
     if sandbox is None or sandbox.state != "READY":
         return None
+    now = time.monotonic()
+    if now - _failed_at.get(sandbox.id, -FAILED_SAMPLE_BACKOFF_S) < FAILED_SAMPLE_BACKOFF_S:
+        return None
     try:
         reply = svc.sandboxes.agent(sandbox).call(method, timeout=10, **params)
     except AgentError as e:
-        log.info("%s from %s: %s", method, sandbox.id[:12], e)
+        log.info("%s from %s: %s (no samples from it for %.0fs)", method, sandbox.id[:12], e,
+                 FAILED_SAMPLE_BACKOFF_S)
+        for sid in [k for k, t in _failed_at.items() if now - t > FAILED_SAMPLE_BACKOFF_S]:
+            del _failed_at[sid]  # forget old failures (and removed pods)
+        _failed_at[sandbox.id] = time.monotonic()
         return None
+    _failed_at.pop(sandbox.id, None)
     return reply if isinstance(reply, dict) else None
 
 
