@@ -15,8 +15,14 @@ def _mib(kib):
     return None if kib is None else kib / 1024
 
 
+def _order(res: dict, keys) -> list[str]:
+    """Variant labels in run order (before, after), whatever order the JSON has."""
+    first = [v["label"] for v in res["meta"].get("variants", []) if v["label"] in keys]
+    return first + [k for k in keys if k not in first]
+
+
 def markdown(res: dict) -> str:
-    labels = list(res.get("p1", {}))
+    labels = _order(res, res.get("p1", {}))
     L = [f"# vmcri bench — {res['meta']['started']} ({res['meta']['mode']})", "",
          f"Host: {res['meta']['host']}. TCG, wall clock, medians unless noted. "
          "Variants: " + "; ".join(f"**{v['label']}** = image `{os.path.basename(os.path.realpath(v['image_dir']))}`, "
@@ -47,6 +53,7 @@ def markdown(res: dict) -> str:
         gp = []
         for r in p1.values():
             gp += [k for k in r["guest_phases_median"] if k not in gp]
+        gp.sort(key=lambda k: p1[labels[-1]]["guest_phases_median"].get(k, 1e9))
         rows += [(f"guest uptime at {k} (s)", lambda r, k=k: _f(r["guest_phases_median"].get(k))) for k in gp]
         rows += [(f"floor guest uptime at {k} (s)", lambda r, k=k: _f(r["floor_guest_phases_median"].get(k)))
                  for k in ("python-exec", "paramiko-imported", "agent-ready")]
@@ -61,7 +68,7 @@ def markdown(res: dict) -> str:
         L.append("")
     ctr = res.get("p3", {})
     if ctr:
-        cl = list(ctr)
+        cl = _order(res, ctr)
         L += ["## P3 container start, P4 ExecSync, P5 idle memory", "",
               "| metric | " + " | ".join(cl) + " |", "|---|" + "---|" * len(cl)]
 
@@ -118,7 +125,7 @@ def plot(res: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     p1 = res.get("p1", {})
     ax = axes[0]
-    labels = list(p1)
+    labels = _order(res, p1)
     for i, lb in enumerate(labels):
         r = p1[lb]
         for j, (key, name) in enumerate((("floor_s", "floor (raw qemu)"), ("sandbox_s", "RunPodSandbox"))):
@@ -126,21 +133,26 @@ def plot(res: dict, path: str) -> None:
             ax.bar(i * 3 + j, s["median"], color=("tab:gray", "tab:blue")[j],
                    yerr=[[s["median"] - s["min"]], [s["max"] - s["median"]]], capsize=4,
                    label=name if i == 0 else None)
-        ax.text(i * 3 + 0.5, r["sandbox_s"]["max"] + 0.3, f"×{r['ratio_median']:.2f}", ha="center")
+        ax.text(i * 3 + 0.5, r["sandbox_s"]["median"] + 1, f"×{r['ratio_median']:.2f}", ha="center")
     ax.set_xticks([i * 3 + 0.5 for i in range(len(labels))], labels)
     ax.set_ylabel("seconds to agent answering")
     ax.set_title("P1 sandbox ready vs floor (median, min–max)")
     ax.legend()
     ax = axes[1]
+    names: list[str] = []
+    for lb in labels:
+        names += [k for k, _ in sorted(p1[lb]["guest_phases_median"].items(), key=lambda kv: kv[1]) if k not in names]
+    colors = {k: plt.get_cmap("tab10")(i % 10) for i, k in enumerate(names)}
     for i, lb in enumerate(labels):
         prev = 0.0
         for k, v in sorted(p1[lb]["guest_phases_median"].items(), key=lambda kv: kv[1]):
-            ax.barh(i, v - prev, left=prev)
-            ax.text(v, i + 0.25 - 0.5 * (hash(k) % 2), k, fontsize=7, rotation=0)
-            prev = v
+            ax.barh(i, max(0.0, v - prev), left=prev, color=colors[k], label=k if i == 0 else None)
+            prev = max(prev, v)
     ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("guest uptime (s), libvirt boots")
+    ax.set_xlabel("guest uptime (s) at the end of each phase, RunPodSandbox boots")
     ax.set_title("guest phases (median uptime)")
+    if names:
+        ax.legend(fontsize=7, loc="lower right")
     ax = axes[2]
     rows = (res.get("p6") or {}).get("rows", [])
     for mode, color in (("sequential", "tab:green"), ("concurrent", "tab:red")):
