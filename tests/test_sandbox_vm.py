@@ -140,11 +140,19 @@ def test_unknown_ids(vm_daemon):
     with pytest.raises(grpc.RpcError) as e:
         vm_daemon.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id="f" * 64))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
-    with pytest.raises(grpc.RpcError) as e:
-        vm_daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id="f" * 64))
-    assert e.value.code() == grpc.StatusCode.NOT_FOUND
-    # Remove of an unknown sandbox succeeds: it is already gone
+    # Stop and Remove of an unknown sandbox succeed: there is nothing left to reclaim
+    vm_daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id="f" * 64))
     vm_daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id="f" * 64))
+
+
+def test_runtime_handlers(vm_daemon):
+    st = vm_daemon.runtime.Status(pb.StatusRequest())
+    assert [h.name for h in st.runtime_handlers] == ["", "vmcri"]
+    with pytest.raises(grpc.RpcError) as e:
+        vm_daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod_config("h"),
+                                                                runtime_handler="kata"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "runtime_handler" in e.value.details() and "kata" in e.value.details()
 
 
 def test_sized_pod_stop_remove_idempotent_and_clean(vm_daemon):
@@ -196,6 +204,51 @@ def _row_state(daemon, sid):
         db.close()
 
 
+def _owned_domains(root_dir):
+    conn = libvirt.open("qemu:///system")
+    try:
+        return [dom.name() for dom in conn.listAllDomains(0) if root_dir in dom.XMLDesc(0)]
+    finally:
+        conn.close()
+
+
+def test_missing_kernel_rolls_back_everything(daemon_factory, tmp_path):
+    # A guest image whose kernel is garbage: qemu refuses to start, after the row, dirs
+    # and the shared mount were made; the rollback must leave nothing.
+    real = os.environ.get("VMCRI_TEST_GUEST_DIR", "/var/lib/vmcri/guest/current")
+    broken = tmp_path / "guest"
+    broken.mkdir()
+    for name in os.listdir(real):
+        if name != "vmlinux":
+            os.symlink(os.path.join(os.path.realpath(real), name), broken / name)
+    (broken / "vmlinux").write_bytes(b"this is not a kernel\n" * 100)
+    d = daemon_factory(f'cni_conf_dir = ""\nguest_image_dir = "{broken}"')
+    with pytest.raises(grpc.RpcError) as e:
+        d.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod_config("nokernel")))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "libvirt could not start the pod VM" in e.value.details()
+    assert list(d.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items) == []
+    sandboxes = os.path.join(d.root_dir, "sandboxes")
+    assert not os.path.exists(sandboxes) or os.listdir(sandboxes) == []
+    assert _owned_domains(d.root_dir) == []
+    with open("/proc/self/mountinfo") as f:
+        assert d.root_dir not in f.read()
+
+
+def test_external_virsh_destroy_makes_pod_notready(vm_daemon):
+    import subprocess
+    sid = vm_daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod_config("destroyed"))).pod_sandbox_id
+    info = domain_of(vm_daemon, sid)
+    subprocess.run(["virsh", "-c", "qemu:///system", "destroy", info["vm"]["domain"]],
+                   check=True, capture_output=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _row_state(vm_daemon, sid) != "NOTREADY":
+        time.sleep(0.2)
+    assert _row_state(vm_daemon, sid) == "NOTREADY"
+    vm_daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    assert leftovers(vm_daemon, sid, info) == []
+
+
 def test_qemu_killed_makes_pod_notready_then_remove_cleans(vm_daemon):
     sid = vm_daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod_config("victim"))).pod_sandbox_id
     info = domain_of(vm_daemon, sid)
@@ -237,3 +290,7 @@ def test_daemon_restart_keeps_pods_and_reaps_orphans(daemon_factory):
     finally:
         conn.close()
     assert info["vm"]["domain"] not in names
+    # ... and its dirs and the shared mount are cleaned up too
+    assert not os.path.exists(info["shareDir"])
+    with open("/proc/self/mountinfo") as f:
+        assert sid not in f.read()

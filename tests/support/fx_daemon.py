@@ -78,9 +78,10 @@ def write_config(path: str, root: str, run: str, sock: str, extra: str = "") -> 
     if "agent_timeout_s" not in extra:
         # a hang detector, not a performance bound: shared 2-core hosts boot TCG guests slowly
         extra += "\nagent_timeout_s = 300"
+    guest_line = "" if "guest_image_dir" in extra else f'guest_image_dir = "{guest}"\n'
     with open(path, "w") as f:
         f.write(f'socket_path = "{sock}"\nroot_dir = "{root}"\nrun_dir = "{run}"\n'
-                f'guest_image_dir = "{guest}"\naccel = "tcg"\nlog_level = "debug"\n'
+                f'{guest_line}accel = "tcg"\nlog_level = "debug"\n'
                 f'streaming_port = 0\n{extra}\n')
 
 

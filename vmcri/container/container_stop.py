@@ -40,7 +40,10 @@ def _wait_exited(svc, container_id: str, timeout: float) -> bool:
 
 
 def stop_container(svc, container_id: str, timeout: int) -> None:
-    rec = svc.get(container_id)
+    try:
+        rec = svc.get(container_id)
+    except NotFound:
+        return  # already gone: stopping it again is success
     if rec.state in (EXITED, CREATING):
         return
     sb = svc.sandboxes.find(rec.sandbox_id)

@@ -13,6 +13,7 @@ import vmcri
 from vmcri import stats
 from vmcri.container import container_stats, container_status
 from vmcri.sandbox import sandbox_status
+from vmcri.sandbox.sandbox_run import RUNTIME_HANDLERS
 from vmcri.cri.grpc_errors import stream, wrap_all
 
 PENDING = {
@@ -34,7 +35,12 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         conditions = [pb.RuntimeCondition(type=t, status=ok, reason=reason, message=msg)
                       for t, ok, reason, msg in self.rt.conditions()]
         info = self.rt.status_info() if request.verbose else {}
-        return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), info=info)
+        # recursive read-only mounts and user namespaces are not offered inside the guest yet
+        handlers = [pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures())
+                    for name in RUNTIME_HANDLERS]
+        return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), info=info,
+                                 runtime_handlers=handlers,
+                                 features=pb.RuntimeFeatures(supplemental_groups_policy=False))
 
     def RuntimeConfig(self, request, context):
         driver = (pb.CgroupDriver.SYSTEMD if self.rt.cfg.cgroup_driver == "systemd"

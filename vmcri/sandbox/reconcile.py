@@ -6,11 +6,15 @@
 - domain with vmcri metadata but no row -> destroy it (no VM leaks)
 - netns under our run dir with no row   -> tear down
 - pool VMs: adopted when READY and running, else destroyed (vmcri.sandbox.pool)
+- sandbox dirs (and mounts under them) of no row or pool VM -> unmounted and removed
 """
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 
+from vmcri.sandbox import hostfs
 from vmcri.sandbox.model import CREATING, NOTREADY, READY
 from vmcri.sandbox.sandbox_stop import release_host_files
 
@@ -49,8 +53,28 @@ def reconcile(svc) -> dict:
             log.warning("destroying orphan domain %s (no sandbox row)", name)
             svc.hv.destroy(name)
             report["orphan_domains"] += 1
-    if svc.network is not None and hasattr(svc.network, "cleanup_orphans"):
-        live = {r.id for r in svc.table.all()}
+    live = {r.id for r in svc.table.all()}
+    report["stale_dirs"] = _clean_stale_dirs(svc, live | known)  # known includes adopted pool VMs
+    if svc.network is not None:
         svc.network.cleanup_orphans(live)
     log.info("reconcile: %s", report)
     return report
+
+
+def _clean_stale_dirs(svc, live: set[str]) -> int:
+    stale = 0
+    short_live = {sid[:16] for sid in live}
+    for base, keep in ((svc.cfg.sandboxes_dir, live), (svc.cfg.sandboxes_run_dir, short_live)):
+        try:
+            names = os.listdir(base)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name in keep:
+                continue
+            path = os.path.join(base, name)
+            log.warning("removing stale sandbox dir %s (no sandbox row)", path)
+            hostfs.unmount_tree(path)
+            shutil.rmtree(path, ignore_errors=True)
+            stale += 1
+    return stale

@@ -20,6 +20,7 @@ from vmcri.sandbox.domain import render_domain
 from vmcri.sandbox.model import CREATING, READY, SandboxRecord, now_ns
 
 log = logging.getLogger(__name__)
+RUNTIME_HANDLERS = ("", "vmcri")  # "" is the kubelet's default handler
 
 
 def validate(config: pb.PodSandboxConfig) -> None:
@@ -71,11 +72,10 @@ def _guest_image(svc):
 
 def run_pod_sandbox(svc, config: pb.PodSandboxConfig, runtime_handler: str = "") -> str:
     validate(config)
-    if runtime_handler not in ("", "vmcri", "runc", "default"):
-        # Every handler name the kubelet may send maps to the same VM runtime, but an
-        # unknown one is a configuration mistake worth surfacing.
+    if runtime_handler not in RUNTIME_HANDLERS:
+        # an unknown handler is a RuntimeClass mistake worth surfacing, not guessing at
         raise InvalidArgument(f"runtime_handler: {runtime_handler!r} is not configured "
-                              f"(known: vmcri, default)")
+                              f"(vmcri serves \"\" and \"vmcri\")")
     guest = _guest_image(svc)
     md = config.metadata
     sizing = designer.size(svc.cfg, config.linux)

@@ -31,7 +31,10 @@ def _teardown_network(svc, rec: SandboxRecord) -> None:
 
 
 def stop_pod_sandbox(svc, sandbox_id: str) -> None:
-    rec = svc.get(sandbox_id)  # unknown id -> NOT_FOUND, as containerd does
+    try:
+        rec = svc.get(sandbox_id)
+    except NotFound:
+        return  # nothing left to stop: success, so the kubelet's retries converge
     with svc.lock(rec.id):
         rec = svc.table.get(rec.id)
         if rec is None:
