@@ -77,6 +77,10 @@ class ContainerService:
         from vmcri.container.container_exec import exec_sync
         return exec_sync(self, container_id, cmd, timeout)
 
+    def update_resources(self, container_id: str, linux) -> None:
+        from vmcri.container.container_update import update_resources
+        update_resources(self, container_id, linux)
+
     def reopen_log(self, container_id: str) -> None:
         rec = self.get(container_id)
         if rec.state != "RUNNING":

@@ -105,6 +105,10 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
                                                       request.timeout)
         return pb.ExecSyncResponse(stdout=out, stderr=err, exit_code=code)
 
+    def UpdateContainerResources(self, request, context):
+        self.rt.containers.update_resources(request.container_id, request.linux)
+        return pb.UpdateContainerResourcesResponse()
+
     def ReopenContainerLog(self, request, context):
         self.rt.containers.reopen_log(request.container_id)
         return pb.ReopenContainerLogResponse()
