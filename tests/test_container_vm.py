@@ -8,7 +8,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2 as pb
 
-from tests.test_sandbox_vm import pod_config
+from tests.support.pods import pod_env
 
 pytestmark = [pytest.mark.vm, pytest.mark.registry]
 LOG_LINE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z (stdout|stderr) (P|F) (.*)$")
@@ -16,16 +16,7 @@ LOG_LINE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z (stdout|stderr)
 
 @pytest.fixture(scope="module")
 def env(daemon_factory, test_images, tmp_path_factory):
-    d = daemon_factory('cni_conf_dir = ""\ninsecure_registries = ["%s"]' % test_images.registry)
-    for img in (test_images.single, test_images.multi):
-        d.image.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=img.ref)))
-    logdir = str(tmp_path_factory.mktemp("podlogs"))
-    cfg = pod_config("ctr")
-    cfg.log_directory = logdir
-    sid = d.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg)).pod_sandbox_id
-    yield d, sid, cfg, test_images
-    d.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid))
-    d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    yield from pod_env(daemon_factory, test_images, tmp_path_factory, "ctr", images=("single", "multi"))
 
 
 def ctr_config(name, image, command=None, args=None, **kw):

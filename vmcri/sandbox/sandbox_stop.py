@@ -2,6 +2,7 @@
 gone is skipped, and a second call finds nothing left to do."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 
@@ -30,34 +31,37 @@ def _teardown_network(svc, rec: SandboxRecord) -> None:
         svc.network.teardown(rec.id, rec.netns)
 
 
-def stop_pod_sandbox(svc, sandbox_id: str) -> None:
+@contextlib.contextmanager
+def _locked(svc, sandbox_id: str):
+    """The current row under the sandbox lock, or None if it is (already) gone."""
     try:
         rec = svc.get(sandbox_id)
     except NotFound:
-        return  # nothing left to stop: success, so the kubelet's retries converge
+        yield None  # nothing left: success, so the kubelet's retries converge
+        return
     with svc.lock(rec.id):
-        rec = svc.table.get(rec.id)
+        yield svc.table.get(rec.id)
+
+
+def _stop_vm_and_network(svc, rec: SandboxRecord) -> None:
+    _run_hooks(svc.on_stop, rec, "stop")
+    _shutdown_vm(svc, rec)
+    _teardown_network(svc, rec)
+
+
+def stop_pod_sandbox(svc, sandbox_id: str) -> None:
+    with _locked(svc, sandbox_id) as rec:
         if rec is None:
             return
-        _run_hooks(svc.on_stop, rec, "stop")
-        _shutdown_vm(svc, rec)
-        _teardown_network(svc, rec)
-        svc.table.update(rec.id, state=NOTREADY, netns="",
-                         reason=rec.reason or "stopped")
+        _stop_vm_and_network(svc, rec)
+        svc.table.update(rec.id, state=NOTREADY, netns="", reason=rec.reason or "stopped")
 
 
 def remove_pod_sandbox(svc, sandbox_id: str) -> None:
-    try:
-        rec = svc.get(sandbox_id)
-    except NotFound:
-        return  # already removed: success, as the CRI spec asks
-    with svc.lock(rec.id):
-        rec = svc.table.get(rec.id)
+    with _locked(svc, sandbox_id) as rec:
         if rec is None:
             return
-        _run_hooks(svc.on_stop, rec, "stop")
-        _shutdown_vm(svc, rec)
-        _teardown_network(svc, rec)
+        _stop_vm_and_network(svc, rec)
         _run_hooks(svc.on_remove, rec, "remove")
         release_host_files(svc, rec.id)
         svc.table.delete(rec.id)
