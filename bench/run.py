@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--only", default="p1,p3,p6,p7", help="comma list of p1,p3,p6,p7 (p3 includes p4, p5)")
     ap.add_argument("--runs", type=int, default=0, help="P1 runs per variant (default 3, quick 2)")
     ap.add_argument("--sizes", default="", help="P6 pod counts, e.g. 5,10,20")
-    ap.add_argument("--seq-sizes", default="", help="P6 pod counts also run sequentially (default: --sizes)")
+    ap.add_argument("--seq-sizes", default="", help="P6 pod counts also run sequentially (default: --sizes; 'none')")
     ap.add_argument("--stem", default="latest")
     a = ap.parse_args()
     only = set(a.only.split(","))
@@ -69,7 +69,8 @@ def main() -> None:
         res["p6"] = {"label": after.label, "rows": []}
         density.measure(after.config().replace("agent_timeout_s = 300", "agent_timeout_s = 900"),
                         after.image_dir, sizes,
-                        tuple(int(x) for x in a.seq_sizes.split(",")) if a.seq_sizes else None,
+                        (() if a.seq_sizes == "none" else tuple(int(x) for x in a.seq_sizes.split(",")))
+                        if a.seq_sizes else None,
                         rows=res["p6"]["rows"], on_row=out)
     if "p7" in only:
         log("P7 pull")
