@@ -11,7 +11,6 @@ from tests.support.fx_daemon import write_config
 from tests.test_sandbox_vm import pod_config
 from vmcri.sandbox.domain import parse_metadata
 
-pytestmark = [pytest.mark.vm, pytest.mark.registry]
 BOOT_WAIT_S = 300  # TCG on a busy 2-core host
 
 
@@ -76,6 +75,8 @@ def env(daemon_factory, test_images):
     yield d, test_images
 
 
+@pytest.mark.vm
+@pytest.mark.registry
 def test_claim_configures_the_pod_refills_and_remove_leaves_nothing(env):
     d, images = env
     wait_pool(d)
@@ -115,6 +116,8 @@ def test_claim_configures_the_pod_refills_and_remove_leaves_nothing(env):
     assert not os.path.exists(share)
 
 
+@pytest.mark.vm
+@pytest.mark.registry
 def test_other_shape_boots_cold(env):
     d, _ = env
     wait_pool(d)
@@ -132,6 +135,8 @@ def test_other_shape_boots_cold(env):
         remove_pod(d, sid)
 
 
+@pytest.mark.vm
+@pytest.mark.registry
 def test_restart_adopts_ready_pool_vm_and_pool_size_zero_destroys_it(env):
     d, images = env
     wait_pool(d)
@@ -159,6 +164,8 @@ def test_restart_adopts_ready_pool_vm_and_pool_size_zero_destroys_it(env):
         d.restart()
 
 
+@pytest.mark.vm
+@pytest.mark.registry
 def test_measure_claim_vs_cold_vs_raw_floor(env):
     """Measured, not asserted: claim-path RunPodSandbox, a cold one, and the raw-qemu floor
     (bench/boot_floor.py) in one run, printed and written to $VMCRI_POOL_BENCH_OUT if set."""
@@ -229,6 +236,8 @@ def net_env(daemon_factory, test_images, tmp_path_factory):
     netns.release_dir(os.path.join(base, "ns"))
 
 
+@pytest.mark.vm
+@pytest.mark.registry
 def test_claimed_vm_gets_the_pod_nic_hot_plugged(net_env):
     import subprocess
     import sys
@@ -269,3 +278,30 @@ def test_claimed_vm_gets_the_pod_nic_hot_plugged(net_env):
         remove_pod(d, sid)
     assert sid not in {m.sandbox_id for m in owned_domains(d.root_dir).values()}
 
+
+
+# -- no VM: config keys and the rendered fragments ------------------------------------------
+@pytest.mark.parametrize("data, key", [
+    ({"pool_size": -1}, "pool_size"), ({"pool_size": 65}, "pool_size"),
+    ({"pool_size": "2"}, "pool_size"), ({"pool_max_concurrent_boots": 0}, "pool_max_concurrent_boots"),
+])
+def test_bad_pool_config_names_the_key(data, key):
+    from vmcri.config import ConfigError, from_dict
+    with pytest.raises(ConfigError, match=f"^{key}:"):
+        from_dict(data)
+
+
+def test_pool_is_off_by_default():
+    from vmcri.config import Config, from_dict
+    assert Config().pool_size == 0 and from_dict({"pool_size": 3}).pool_size == 3
+
+
+def test_fragments_escape_and_round_trip_the_metadata():
+    from vmcri.sandbox import pool
+    from vmcri.sandbox.domain import METADATA_NS, NicSpec, SandboxMeta
+    meta = SandboxMeta(sandbox_id="a" * 64, pod_name="x<y", pod_namespace="ns", pod_uid="u",
+                       attempt=2, role="pod", owner="/var/lib/vmcri")
+    xml = f"<domain><metadata>{pool.render_metadata(meta)}</metadata></domain>"
+    assert parse_metadata(xml) == meta and METADATA_NS in xml
+    nic = pool.render_nic(NicSpec(mac="02:42:0a:00:00:02", tap="vmcriaaaaaaaa", mtu=1450))
+    assert "02:42:0a:00:00:02" in nic and "vmcriaaaaaaaa" in nic and "1450" in nic
