@@ -68,11 +68,22 @@ def run_pod(d, cfg) -> tuple[str, float]:
 POOL_CONFIG = 'cni_conf_dir = ""\nagent_timeout_s = 300\npool_size = 1\ninsecure_registries = ["%s"]'
 
 
+def turn_pool_off(d) -> None:
+    """Pool VMs outlive a daemon stop on purpose (the next start adopts them); a test that
+    throws its root_dir away restarts with pool_size = 0 first, so reconcile destroys them."""
+    write_config(d.config_path, d.root_dir, d.run_dir, d.socket,
+                 d.extra_config.replace("pool_size = 1", "pool_size = 0"))
+    d.restart()
+    leaked = owned_domains(d.root_dir)
+    assert not {n for n, m in leaked.items() if m.role == "pool"}, leaked
+
+
 @pytest.fixture(scope="module")
 def env(daemon_factory, test_images):
     d = daemon_factory(POOL_CONFIG % test_images.registry)
     d.image.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=test_images.single.ref)))
     yield d, test_images
+    turn_pool_off(d)
 
 
 @pytest.mark.vm
@@ -84,6 +95,16 @@ def test_claim_configures_the_pod_refills_and_remove_leaves_nothing(env):
     cfg = pod_config("warm-web", hostname="warm-web")
     sid, took = run_pod(d, cfg)
     print(f"claim-path RunPodSandbox {took:.2f}s")
+    try:
+        share = check_claimed_pod(d, images, cfg, sid, warm)
+    finally:
+        remove_pod(d, sid)
+    left = owned_domains(d.root_dir)
+    assert warm not in left and set(left) == pool_domains(d)
+    assert not os.path.exists(share)
+
+
+def check_claimed_pod(d, images, cfg, sid, warm) -> str:
     info = sandbox_info(d, sid)
     assert info["source"] == "pool"
     assert info["vm"]["domain"] == warm and info["vm"]["running"] is True
@@ -108,12 +129,7 @@ def test_claim_configures_the_pod_refills_and_remove_leaves_nothing(env):
     wait_pool(d)  # refilled with a fresh VM, never the claimed one
     fresh = pool_domains(d)
     assert len(fresh) == 1 and warm not in fresh
-
-    share = info["shareDir"]
-    remove_pod(d, sid)
-    left = owned_domains(d.root_dir)
-    assert warm not in left and set(left) == fresh
-    assert not os.path.exists(share)
+    return info["shareDir"]
 
 
 @pytest.mark.vm
@@ -230,6 +246,7 @@ def net_env(daemon_factory, test_images, tmp_path_factory):
                        f'insecure_registries = ["{test_images.registry}"]')
     d.image.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=test_images.single.ref)))
     yield d, test_images, peer
+    turn_pool_off(d)
     d.stop()
     subprocess.run(["ip", "link", "del", dev], capture_output=True)
     netns.delete_path(peer)
