@@ -156,14 +156,14 @@ def plot(res: dict, path: str) -> None:
     ax = axes[2]
     rows = (res.get("p6") or {}).get("rows", [])
     for mode, color in (("sequential", "tab:green"), ("concurrent", "tab:red")):
-        rr = [r for r in rows if r["mode"] == mode]
+        rr = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["n"])
         if rr:
             ax.plot([r["n"] for r in rr], [r["wall_s"] for r in rr], "o-", color=color, label=f"{mode}: wall s")
     ax2 = ax.twinx()
-    rr = [r for r in rows if r["mode"] == "sequential"]
+    rr = sorted(rows, key=lambda r: r["n"])
     if rr:
         ax2.plot([r["n"] for r in rr], [_mib(r["qemu_pss_sum_kib"]) for r in rr], "s--", color="tab:purple",
-                 label="qemu PSS sum, MiB")
+                 label="qemu PSS sum, MiB (all rows)")
         ax2.set_ylabel("MiB")
     ax.set_xlabel("pods (N)")
     ax.set_ylabel("seconds")
