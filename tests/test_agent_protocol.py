@@ -25,6 +25,7 @@ def test_every_method_round_trips_through_the_command_string():
         "container_kill": {"id": "c1", "signal": "TERM"}, "container_delete": {"id": "c1"},
         "container_stats": {"id": "c1"}, "sandbox_stats": {},
         "set_sysctls": {"sysctls": {"net.ipv4.ip_forward": "1"}},
+        "container_update": {"id": "c1", "resources": {"memory": {"limit": 1048576}}},
     }
     assert set(samples) == set(protocol.METHODS)
     for method, params in samples.items():
@@ -126,3 +127,12 @@ def test_every_control_method_has_exactly_one_guest_handler():
     handlers = load_handlers()
     assert set(handlers) == set(protocol.METHODS) - protocol.STREAMING
     assert not set(handlers) & protocol.STREAMING  # run/attach are served by the SSH layer
+
+
+def test_container_update_refuses_what_crun_update_cannot_apply():
+    with pytest.raises(protocol.ProtocolError, match="resources.devices"):
+        protocol.validate("container_update", {"id": "c1", "resources": {"devices": []}})
+    with pytest.raises(protocol.ProtocolError, match="resources.memory"):
+        protocol.validate("container_update", {"id": "c1", "resources": {"memory": {"kernel": 1}}})
+    with pytest.raises(protocol.ProtocolError, match="resources.cpu.quota"):
+        protocol.validate("container_update", {"id": "c1", "resources": {"cpu": {"quota": "x"}}})

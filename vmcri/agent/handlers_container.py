@@ -259,10 +259,22 @@ class ContainerEntry:
         if self.tty and fd is not None:
             fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
+    def oom_killed(self) -> bool:
+        """The kernel's own count: the cgroup lives on until `crun delete`."""
+        if not self.cgroup:
+            return False
+        try:
+            with open(os.path.join(self.cgroup, "memory.events")) as f:
+                events = dict(line.split() for line in f if len(line.split()) == 2)
+            return int(events.get("oom_kill", "0")) > 0
+        except (OSError, ValueError):
+            return False
+
     def state(self) -> dict:
         with self._lock:
             if self.status is not None:
-                return {"status": "stopped", "pid": max(self.pid, 0), "exit_code": pid1.exit_code(self.status)}
+                return {"status": "stopped", "pid": max(self.pid, 0),
+                        "exit_code": pid1.exit_code(self.status), "oom_killed": self.oom_killed()}
             return {"status": "running" if self.started else "created", "pid": max(self.pid, 0),
                     "exit_code": 0}
 

@@ -265,6 +265,38 @@ def _set_sysctls(p):
     return {"sysctls": out}
 
 
+_RESOURCE_KEYS = {
+    "cpu": {"shares", "quota", "period", "cpus", "mems"},
+    "memory": {"limit", "swap"},
+    "hugepageLimits": None,
+    "unified": None,
+}
+
+
+def _container_update(p):
+    """OCI linux.resources for `crun update`; only the keys crun update applies."""
+    out = {"id": check_id("id", p.get("id"))}
+    res = p.get("resources")
+    if not isinstance(res, dict):
+        raise ProtocolError("resources: expected an object (OCI linux.resources)")
+    for key, value in res.items():
+        if key not in _RESOURCE_KEYS:
+            raise ProtocolError(f"resources.{key}: not updatable")
+        allowed = _RESOURCE_KEYS[key]
+        if allowed is not None:
+            if not isinstance(value, dict) or set(value) - allowed:
+                raise ProtocolError(f"resources.{key}: expected an object with {sorted(allowed)}")
+            for k, v in value.items():
+                if k in ("cpus", "mems"):
+                    _str(f"resources.{key}.{k}", v, 256)
+                else:
+                    _int(f"resources.{key}.{k}", v, -1, 1 << 62)
+    if len(json.dumps(res)) > 16384:
+        raise ProtocolError("resources: too large")
+    out["resources"] = res
+    return out
+
+
 METHODS = {
     "ping": _no_params,
     "info": _no_params,
@@ -282,6 +314,7 @@ METHODS = {
     "container_stats": _container_id,
     "sandbox_stats": _no_params,
     "set_sysctls": _set_sysctls,
+    "container_update": _container_update,
 }
 
 

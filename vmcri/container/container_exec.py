@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 
 from vmcri.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 
@@ -11,9 +12,16 @@ DEFAULT_TIMEOUT_S = 3600
 MAX_SPEC_BYTES = 4 << 20
 
 
-def crun_exec_argv(container_id: str, cmd: list[str], tty: bool = False, cwd: str = "") -> list[str]:
+def crun_exec_argv(container_id: str, cmd: list[str], tty: bool = False, cwd: str = "",
+                   pid_file: str = "") -> list[str]:
     return ["crun", "exec", *(["-t"] if tty else []), *(["--cwd", cwd] if cwd else []),
-            container_id, *cmd]
+            *(["--pid-file", pid_file] if pid_file else []), container_id, *cmd]
+
+
+# Killing `crun exec` on a timeout would orphan the exec'd process inside the container's
+# PID namespace, so ExecSync records its pid and removes the pid file when it ends.
+_TRACKED = 'f=$1; shift; "$@"; rc=$?; rm -f "$f"; exit $rc'
+_KILL_TRACKED = 'kill -KILL "$(cat "$1")" 2>/dev/null; rm -f "$1"'
 
 
 def container_cwd(svc, rec) -> str:
@@ -37,10 +45,17 @@ def exec_sync(svc, container_id: str, cmd: list[str], timeout: int):
         raise FailedPrecondition(f"container {rec.id[:12]} is not running ({rec.state})")
     from vmcri.channel import AgentError, AgentTimeout
     agent = svc.agent_for(rec)
+    pid_file = f"/run/vmcri/exec-{secrets.token_hex(8)}.pid"
+    argv = ["/bin/sh", "-c", _TRACKED, "sh", pid_file,
+            *crun_exec_argv(rec.id, list(cmd), cwd=container_cwd(svc, rec), pid_file=pid_file)]
     try:
-        return agent.run(crun_exec_argv(rec.id, list(cmd), cwd=container_cwd(svc, rec)), timeout=timeout or DEFAULT_TIMEOUT_S,
-                         max_output=MAX_EXEC_OUTPUT)
+        return agent.run(argv, timeout=timeout or DEFAULT_TIMEOUT_S, max_output=MAX_EXEC_OUTPUT)
     except AgentTimeout as e:
-        raise DeadlineExceeded(f"ExecSync {cmd[0]!r} in {rec.id[:12]}: timed out after {timeout}s") from e
+        try:
+            agent.run(["/bin/sh", "-c", _KILL_TRACKED, "sh", pid_file], timeout=30)
+        except AgentError:
+            pass  # the error below is what the caller needs; the guest may be wedged
+        raise DeadlineExceeded(f"ExecSync {cmd[0]!r} in {rec.id[:12]}: timed out after {timeout}s; "
+                               f"the process was killed") from e
     except AgentError as e:
         raise Unavailable(f"ExecSync in {rec.id[:12]}: {e}") from e

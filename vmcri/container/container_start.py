@@ -178,7 +178,22 @@ class LogPump:
             self.offsets.commit(dict(self.offsets.received))
         if status is not None:
             from vmcri.container.container_stop import mark_exited
-            mark_exited(self.svc, self.svc.table.get(self.rec.id) or self.rec, exit_code=status)
+            reason = "OOMKilled" if status != 0 and self._oom_killed() else ""
+            mark_exited(self.svc, self.svc.table.get(self.rec.id) or self.rec, exit_code=status,
+                        reason=reason)
+
+    def _oom_killed(self) -> bool:
+        """Ask the guest whether the kernel's OOM killer ended the container (its cgroup's
+        memory.events); any failure to ask means "not known to be an OOM kill"."""
+        from vmcri.channel import AgentError
+        sb = self.svc.sandboxes.find(self.rec.sandbox_id)
+        if sb is None or sb.state != "READY":
+            return False
+        try:
+            state = self.svc.sandboxes.agent(sb).call("container_state", id=self.rec.id, timeout=10)
+        except AgentError:
+            return False
+        return state.get("oom_killed") is True
 
     def _drain(self, stream) -> int | None:
         """Copy output until the process exits (its status) or the connection drops (None)."""
