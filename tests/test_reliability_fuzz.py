@@ -121,14 +121,11 @@ def _rss_kib(pid: int) -> int:
 @pytest.fixture(scope="module")
 def fuzz_daemon(tmp_path_factory):
     nowhere = tmp_path_factory.mktemp("no-guest")
-    d = make_daemon('cni_conf_dir = ""\npull_timeout_s = 20.0\n'
+    # top-level keys before the [registries] table, or TOML files them under it
+    d = make_daemon(f'cni_conf_dir = ""\nguest_image_dir = "{nowhere}"\nagent_timeout_s = 60.0\n'
+                    'pull_timeout_s = 20.0\n'
                     '[registries."docker.io"]\nmirrors = ["http://127.0.0.1:1"]\n'
                     'skip_upstream = true\n', prefix="vmcri-fuzz-")
-    with open(d.config_path) as f:
-        lines = [f'guest_image_dir = "{nowhere}"' if line.startswith("guest_image_dir") else line
-                 for line in f.read().splitlines()]
-    with open(d.config_path, "w") as f:
-        f.write("\n".join(lines) + "\n")
     d.start()
     yield d
     d.stop()
