@@ -10,6 +10,7 @@ from vmcri.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, 
 MAX_EXEC_OUTPUT = 16 * 1024 * 1024  # the kubelet's own cap on ExecSync output
 DEFAULT_TIMEOUT_S = 3600
 MAX_SPEC_BYTES = 4 << 20
+KILL_TIMEOUT_S = 10
 
 
 def crun_exec_argv(container_id: str, cmd: list[str], tty: bool = False, cwd: str = "",
@@ -51,11 +52,13 @@ def exec_sync(svc, container_id: str, cmd: list[str], timeout: int):
     try:
         return agent.run(argv, timeout=timeout or DEFAULT_TIMEOUT_S, max_output=MAX_EXEC_OUTPUT)
     except AgentTimeout as e:
+        # short: against a wedged guest this wait comes on top of the caller's timeout
         try:
-            agent.run(["/bin/sh", "-c", _KILL_TRACKED, "sh", pid_file], timeout=30)
-        except AgentError:
-            pass  # the error below is what the caller needs; the guest may be wedged
+            agent.run(["/bin/sh", "-c", _KILL_TRACKED, "sh", pid_file], timeout=KILL_TIMEOUT_S)
+            outcome = "the process was killed"
+        except AgentError as kill_error:
+            outcome = f"killing the process failed: {kill_error}"
         raise DeadlineExceeded(f"ExecSync {cmd[0]!r} in {rec.id[:12]}: timed out after {timeout}s; "
-                               f"the process was killed") from e
+                               f"{outcome}") from e
     except AgentError as e:
         raise Unavailable(f"ExecSync in {rec.id[:12]}: {e}") from e
