@@ -207,5 +207,8 @@ def test_concurrent_cycles_leak_nothing(lc_daemon, tmp_path):
     # nothing of the pods is left, compared with before any of them
     for key in ("domains", "netns", "taps", "mounts", "dirs_root", "dirs_run", "rows"):
         assert fp[key] == start[key], (key, start[key], fp[key])
-    # and the daemon's own fds and threads did not grow from round to round
-    assert (fp["fds"], fp["threads"]) == (warm["fds"], warm["threads"]), (start, warm, fp)
+    # and the daemon's own fds and threads did not grow from round to round. gRPC's worker
+    # pool grows lazily (up to 32), so a busier second round may add a worker or two; a leak
+    # per cycle would add at least CONCURRENT.
+    assert fp["fds"] == warm["fds"], (start, warm, fp)
+    assert fp["threads"] - warm["threads"] <= 2 < CONCURRENT, (start, warm, fp)
