@@ -95,6 +95,24 @@ def make_daemon(extra_config: str = "", prefix: str = "vmcri-test-") -> Daemon:
                   extra_config=extra_config)
 
 
+def _destroy_owned_domains(root_dir: str) -> None:
+    """Pods outlive their daemon by design; a finished test's must not outlive the test."""
+    import libvirt
+
+    from vmcri.sandbox.domain import parse_metadata
+    conn = libvirt.open("qemu:///system")
+    try:
+        for dom in conn.listAllDomains(0):
+            try:
+                meta = parse_metadata(dom.XMLDesc(0))
+                if meta is not None and meta.owner == root_dir:
+                    dom.destroy()
+            except libvirt.libvirtError:
+                pass  # gone meanwhile
+    finally:
+        conn.close()
+
+
 @pytest.fixture(scope="session")
 def daemon_factory():
     made: list[Daemon] = []
@@ -108,6 +126,7 @@ def daemon_factory():
     yield factory
     for d in made:
         d.stop()
+        _destroy_owned_domains(d.root_dir)
         if os.environ.get("VMCRI_KEEP_TEST_DIRS") != "1":
             shutil.rmtree(d.base, ignore_errors=True)
 
