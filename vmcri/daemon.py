@@ -67,7 +67,6 @@ class Runtime:
     def _container_event(self, container_id: str, kind: str, created_ns: int):
         from cri_api.v1 import api_pb2 as pb
 
-        from vmcri.container.container_status import to_status
         from vmcri.sandbox.sandbox_status import to_status as sandbox_to_status
         rec = self.containers.table.get(container_id)
         if rec is None:

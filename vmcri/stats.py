@@ -88,7 +88,6 @@ def container_stats(svc, rec, rates: CpuRate, sample: dict | None) -> pb.Contain
 
 def sandbox_stats(sb, rates: CpuRate, sample: dict, containers: list[pb.ContainerStats]) -> pb.PodSandboxStats:
     ts = time.time_ns()
-    config = pb.PodSandboxConfig.FromString(sb.config)
     linux = pb.LinuxPodSandboxStats(containers=containers)
     if sample:
         linux.cpu.CopyFrom(cpu_usage(rates, sb.id, ts, sample.get("cpu_usage_usec")))

@@ -5,6 +5,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import shutil
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 MS_BIND, MS_SHARED, MS_REC, MNT_DETACH = 0x1000, 1 << 20, 0x4000, 2
@@ -33,6 +34,17 @@ def make_shared_dir(path: str) -> None:
     if not is_mountpoint(path):
         _mount(path, path, None, MS_BIND)
     _mount(None, path, None, MS_SHARED)
+
+
+def prepare_vm_dirs(paths, undo) -> None:
+    """State dir, run dir and the shared 9p dir of one VM (a SandboxPaths), each with
+    its undo registered on the ExitStack `undo`."""
+    os.makedirs(paths.state_dir, mode=0o700)
+    undo.callback(shutil.rmtree, paths.state_dir, ignore_errors=True)
+    os.makedirs(paths.run_dir, mode=0o700, exist_ok=True)
+    undo.callback(shutil.rmtree, paths.run_dir, ignore_errors=True)
+    make_shared_dir(paths.share_dir)
+    undo.callback(unmount_tree, paths.share_dir)
 
 
 def unmount_tree(path: str) -> None:

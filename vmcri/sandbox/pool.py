@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -164,12 +162,7 @@ class WarmPool:
             " VALUES (?,?,?,?,?,?)", (vm.id, vm.domain, BOOTING, vm.vcpus, vm.memory_mib, now_ns()))
         with contextlib.ExitStack() as undo:
             undo.callback(self._delete_row, vm.id)
-            os.makedirs(paths.state_dir, mode=0o700)
-            undo.callback(shutil.rmtree, paths.state_dir, ignore_errors=True)
-            os.makedirs(paths.run_dir, mode=0o700, exist_ok=True)
-            undo.callback(shutil.rmtree, paths.run_dir, ignore_errors=True)
-            hostfs.make_shared_dir(paths.share_dir)
-            undo.callback(hostfs.unmount_tree, paths.share_dir)
+            hostfs.prepare_vm_dirs(paths, undo)
             config = pb.PodSandboxConfig(metadata=pb.PodSandboxMetadata())
             spec = designer.design(cfg, sandbox_id=vm.id, config=config, sizing=sizing,
                                    accel=svc.accel, guest=guest, paths=paths, role="pool")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
-import shutil
 import sqlite3
 import time
 
@@ -116,12 +114,7 @@ def run_pod_sandbox(svc, config: pb.PodSandboxConfig, runtime_handler: str = "")
         undo.callback(svc.table.delete, sandbox_id)
         try:
             # 1. dirs and the shared 9p mount
-            os.makedirs(paths.state_dir, mode=0o700)
-            undo.callback(shutil.rmtree, paths.state_dir, ignore_errors=True)
-            os.makedirs(paths.run_dir, mode=0o700, exist_ok=True)
-            undo.callback(shutil.rmtree, paths.run_dir, ignore_errors=True)
-            hostfs.make_shared_dir(paths.share_dir)
-            undo.callback(hostfs.unmount_tree, paths.share_dir)
+            hostfs.prepare_vm_dirs(paths, undo)
             t = phase("prepare", t_start)
 
             # 2. network namespace and CNI
