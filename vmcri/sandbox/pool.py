@@ -270,9 +270,7 @@ def run_claimed(svc, vm: PoolVM, config: pb.PodSandboxConfig, rec, phase, timing
                 t_start: float) -> str:
     """Turn a claimed pool VM into the pod `rec` (its row already inserted as CREATING).
     Any failure destroys the VM: a claimed VM never goes back to the pool."""
-    from vmcri.channel import AgentError
-    from vmcri.container.ocispec import sandbox_sysctls
-    from vmcri.sandbox.sandbox_run import _configure_guest, _network_row
+    from vmcri.sandbox.sandbox_run import _network_row, configure_guest
     md = config.metadata
     with svc.lock(rec.id), contextlib.ExitStack() as undo:
         undo.callback(svc.table.delete, rec.id)
@@ -307,19 +305,7 @@ def run_claimed(svc, vm: PoolVM, config: pb.PodSandboxConfig, rec, phase, timing
                     t = phase("nic-hotplug", t)
 
             client = vm.client
-            hostname = config.hostname or md.name
-            ips = [ip["address"].split("/")[0] for ip in (net.ips if net else [])]
-            try:
-                _configure_guest(client, hostname, ips, config.dns_config, net)
-            except AgentError as e:
-                raise Unavailable(f"configuring the guest failed: {e}") from e
-            sysctls = sandbox_sysctls(config)
-            if sysctls:
-                try:
-                    client.call("set_sysctls", sysctls=sysctls)
-                except AgentError as e:
-                    err = InvalidArgument if e.kind == "InvalidArgument" else Unavailable
-                    raise err(f"config.linux.sysctls: setting them in the guest failed: {e}") from e
+            configure_guest(client, config, net)
             phase("configure", t)
         except BaseException:
             log.warning("RunPodSandbox %s (%s/%s) from the warm pool failed; destroying the VM",

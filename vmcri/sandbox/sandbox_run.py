@@ -143,7 +143,7 @@ def run_pod_sandbox(svc, config: pb.PodSandboxConfig, runtime_handler: str = "")
                 t = phase("tap", t)
 
             # 4. the agent
-            from vmcri.channel import AgentClient, AgentError
+            from vmcri.channel import AgentClient
             client = AgentClient(paths.agent_socket, call_timeout=svc.cfg.agent_timeout_s)
             undo.callback(client.close)
             try:
@@ -157,19 +157,7 @@ def run_pod_sandbox(svc, config: pb.PodSandboxConfig, runtime_handler: str = "")
             t = phase("agent", t)
 
             # 5. identity and network inside the guest
-            hostname = config.hostname or md.name
-            ips = [ip["address"].split("/")[0] for ip in (net.ips if net else [])]
-            try:
-                _configure_guest(client, hostname, ips, config.dns_config, net)
-            except AgentError as e:
-                raise Unavailable(f"configuring the guest failed: {e}") from e
-            sysctls = sandbox_sysctls(config)  # guest-wide: the VM is the pod
-            if sysctls:
-                try:
-                    client.call("set_sysctls", sysctls=sysctls)
-                except AgentError as e:
-                    err = InvalidArgument if e.kind == "InvalidArgument" else Unavailable
-                    raise err(f"config.linux.sysctls: setting them in the guest failed: {e}") from e
+            configure_guest(client, config, net)
             t = phase("configure", t)
         except BaseException:
             log.warning("RunPodSandbox %s (%s/%s) failed; rolling back", sandbox_id[:12],
@@ -190,14 +178,30 @@ def _network_row(net) -> dict:
             "mtu": getattr(net, "mtu", 0) or 0}
 
 
-def _configure_guest(client, hostname: str, ips: list[str], dns, net) -> None:
-    client.call("set_hostname", hostname=hostname)
-    client.call("write_etc", files={
-        "hostname": hostname + "\n",
-        "hosts": hostfs.etc_hosts(hostname, ips),
-        "resolv.conf": hostfs.resolv_conf(list(dns.servers), list(dns.searches), list(dns.options)),
-    })
-    if net is not None and net.interfaces:
-        client.call("configure_nic", mac=net.interfaces[0]["mac"],
-                    addresses=[ip["address"] for ip in net.ips],
-                    routes=net.routes, mtu=getattr(net, "mtu", 0) or 0)
+def configure_guest(client, config: pb.PodSandboxConfig, net) -> None:
+    """The pod's identity, DNS, NIC and sysctls inside its VM (cold boot or warm pool)."""
+    from vmcri.channel import AgentError
+    hostname = config.hostname or config.metadata.name
+    ips = [ip["address"].split("/")[0] for ip in (net.ips if net else [])]
+    dns = config.dns_config
+    try:
+        client.call("set_hostname", hostname=hostname)
+        client.call("write_etc", files={
+            "hostname": hostname + "\n",
+            "hosts": hostfs.etc_hosts(hostname, ips),
+            "resolv.conf": hostfs.resolv_conf(list(dns.servers), list(dns.searches),
+                                              list(dns.options)),
+        })
+        if net is not None and net.interfaces:
+            client.call("configure_nic", mac=net.interfaces[0]["mac"],
+                        addresses=[ip["address"] for ip in net.ips],
+                        routes=net.routes, mtu=getattr(net, "mtu", 0) or 0)
+    except AgentError as e:
+        raise Unavailable(f"configuring the guest failed: {e}") from e
+    sysctls = sandbox_sysctls(config)  # guest-wide: the VM is the pod
+    if sysctls:
+        try:
+            client.call("set_sysctls", sysctls=sysctls)
+        except AgentError as e:
+            err = InvalidArgument if e.kind == "InvalidArgument" else Unavailable
+            raise err(f"config.linux.sysctls: setting them in the guest failed: {e}") from e
