@@ -12,7 +12,7 @@ import time
 import paramiko
 import pytest
 
-from vmcri.agent import protocol
+from vmcri.agent import protocol, sync
 from vmcri.channel import (AgentClient, AgentError, AgentProtocolError, AgentTimeout,
                            AgentUnavailable)
 
@@ -20,9 +20,10 @@ from vmcri.channel import (AgentClient, AgentError, AgentProtocolError, AgentTim
 class RawServer:
     """Accepts connections on a unix socket and hands each to `behaviour(conn)`."""
 
-    def __init__(self, path, behaviour):
+    def __init__(self, path, behaviour, sync_first=True):
         self.path = path
         self.behaviour = behaviour
+        self.sync_first = sync_first  # answer the host's session sync, as a real agent does
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(path)
         self.sock.listen(8)
@@ -41,8 +42,10 @@ class RawServer:
 
     def _run(self, conn):
         try:
+            if self.sync_first:
+                conn.sendall(sync.read_hello(conn.recv))
             self.behaviour(conn, self.stop)
-        except OSError:
+        except (OSError, sync.SyncError):
             pass
 
     def close(self):
@@ -61,8 +64,8 @@ def sock_path(tmp_path):
 def raw_server(sock_path):
     servers = []
 
-    def make(behaviour):
-        s = RawServer(sock_path, behaviour)
+    def make(behaviour, sync_first=True):
+        s = RawServer(sock_path, behaviour, sync_first)
         servers.append(s)
         return s
     yield make
@@ -97,6 +100,44 @@ def test_endless_banner_flood_is_cut_off(raw_server, sock_path):
     with pytest.raises(AgentProtocolError) as e:
         c.call("ping")
     assert "before authentication" in str(e.value)
+
+
+def test_guest_without_session_sync_times_out(raw_server, sock_path):
+    def no_sync(conn, stop):
+        conn.recv(4096)
+        conn.sendall(b"SSH-2.0-paramiko_2.12.0\r\n")  # SSH, but no echo of our hello
+        stop.wait(30)
+    raw_server(no_sync, sync_first=False)
+    with pytest.raises(AgentTimeout) as e:
+        AgentClient(sock_path, call_timeout=1.5).call("ping")
+    assert "session sync" in str(e.value)
+
+
+def test_flood_before_session_sync_is_cut_off(raw_server, sock_path):
+    def flood(conn, stop):
+        n = 0
+        while not stop.is_set() and n < (64 << 20):
+            conn.sendall(b"B" * 65536)
+            n += 65536
+    raw_server(flood, sync_first=False)
+    with pytest.raises(AgentProtocolError) as e:
+        AgentClient(sock_path, call_timeout=30).call("ping")
+    assert "before the session sync" in str(e.value)
+
+
+def test_stale_bytes_before_the_sync_echo_are_dropped(raw_server, sock_path):
+    """What qemu does at a quick reconnect: the old session's undelivered output reaches
+    the new connection first. The client must skip it and still shake hands."""
+    pong = ssh_guest(lambda chan: (chan.sendall(b'{"ok":true,"result":{"pong":true}}\n'), chan.close()))
+
+    def stale_then_agent(conn, stop):
+        hello = sync.read_hello(conn.recv)
+        conn.sendall(os.urandom(300_000) + b"SSH-2.0-old\r\n" + hello[:5])  # old session's tail
+        conn.sendall(hello)
+        pong(conn, stop)
+    raw_server(stale_then_agent, sync_first=False)
+    c = AgentClient(sock_path, call_timeout=20)
+    assert c.call("ping")["pong"] is True
 
 
 def test_silent_guest_times_out(raw_server, sock_path):

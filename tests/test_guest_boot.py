@@ -174,7 +174,7 @@ def test_repeated_disconnects_during_heavy_output(vm):
     p = c.open_process(["sh", "-c", "i=0; while [ $i -lt 20000 ]; do echo line-$i; i=$((i+1)); done; "
                                     "sleep 2; echo done"], id="noisy-1")
     assert p.recv(timeout=30)
-    for _ in range(3):
+    for _ in range(10):
         c.close()
         assert c.call("ping", timeout=60)["pong"] is True
         a = c.attach("noisy-1")

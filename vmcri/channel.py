@@ -18,7 +18,7 @@ from paramiko.channel import Channel
 from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_EXTENDED_DATA, cMSG_CHANNEL_REQUEST
 from paramiko.message import Message
 
-from vmcri.agent import protocol
+from vmcri.agent import protocol, sync
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,17 @@ class AgentUnavailable(AgentError):
 class _BoundedSocket:
     """Socket proxy that caps what the guest may send before authentication finishes."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, prefix: bytes = b""):
         self._sock = sock
+        self._prefix = prefix   # read past the session sync, handed to paramiko first
         self.received = 0
         self.authed = False
 
     def recv(self, n):
-        data = self._sock.recv(n)
+        if self._prefix:
+            data, self._prefix = self._prefix[:n], self._prefix[n:]
+        else:
+            data = self._sock.recv(n)
         if not self.authed:
             self.received += len(data)
             if self.received > PRE_AUTH_BYTE_LIMIT:
@@ -179,13 +183,25 @@ class AgentClient:
         try:
             sock.settimeout(_remaining(deadline))
             sock.connect(self.socket_path)
-            bounded = _BoundedSocket(sock)
-            t = _HostTransport(bounded)
         except OSError as e:
             sock.close()
             raise AgentUnavailable(f"cannot connect to agent socket {self.socket_path}: {e}") from e
         except BaseException:
             sock.close()
+            raise
+        try:
+            hello = sync.new_hello()
+            sock.sendall(hello)
+            banner_start = sync.await_echo(sock.recv, hello)
+            bounded = _BoundedSocket(sock, banner_start)
+            t = _HostTransport(bounded)
+        except BaseException as e:
+            sock.close()
+            if isinstance(e, socket.timeout):
+                raise AgentTimeout("agent did not answer the session sync in time") from e
+            if isinstance(e, (OSError, sync.SyncError)):
+                log.error("agent %s: session sync failed: %s", self.name, e)
+                raise AgentProtocolError(f"agent session sync failed: {e}") from e
             raise
         try:
             _bound_packets(t)
@@ -216,9 +232,8 @@ class AgentClient:
                 return t
             self._transport = None
             last = None
-            # A stale guest session can eat our first banner after a quick reconnect, so a
-            # failed handshake is retried, but only a few times: a garbage-sending guest
-            # must fail fast, not spin until the deadline.
+            # The session sync makes reconnects clean, so a retry only covers an agent that
+            # was still tearing down the old session; a garbage-sending guest fails fast.
             for _ in range(3):
                 try:
                     self._transport = self._connect(deadline)

@@ -17,7 +17,7 @@ import paramiko
 from paramiko.common import MSG_CHANNEL_REQUEST
 from paramiko.channel import Channel
 
-from . import pid1, protocol
+from . import pid1, protocol, sync
 from .handlers_system import AgentCallError
 
 IDLE_POLL_S = 0.02
@@ -223,10 +223,12 @@ class SessionServer(paramiko.ServerInterface):
 class PortServer:
     """Owns the port fd; runs one SSH session per host connection.
 
-    The fd is non-blocking: while the host is disconnected a blocking write() would sleep
-    until the *next* connection and then inject the old session's bytes into it, so a
-    writer drops its data once its session has ended instead. (Only one open() of a
-    virtio port is allowed, so reads are non-blocking too, driven by poll().)
+    A session starts at the host's HELLO (see sync.py), not at a hang-up, which a quick
+    reconnect can hide. The fd is non-blocking: while the host is disconnected a blocking
+    write() would sleep until the *next* connection and then inject the old session's
+    bytes into it, so a writer stops once its session has ended, and the HELLO echo is
+    written only after it has. (Only one open() of a virtio port is allowed, so reads are
+    non-blocking too, driven by poll().)
     """
 
     def __init__(self, agent, port_path: str):
@@ -236,36 +238,51 @@ class PortServer:
         self.sessions = 0
         self._current = 0   # number of the live session, 0 when none
         self._sock = None   # our end of the live session's socketpair
+        self._write_lock = threading.Lock()  # a session's writes vs. ending it
 
     def serve_forever(self) -> None:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
+        scanner = sync.HelloScanner()
         while True:
             if not poller.poll(1000):
                 continue
             try:
                 data = os.read(self.fd, 65536)
-            except BlockingIOError:
-                continue
-            except InterruptedError:
+            except (BlockingIOError, InterruptedError):
                 continue
             if not data:
                 # host disconnected (poll reports POLLIN|POLLHUP and read gives b'')
                 self._end_session()
                 time.sleep(IDLE_POLL_S)
                 continue
-            if self._sock is None:
-                self._start_session()
-            try:
-                self._sock.sendall(data)
-            except OSError:
-                # the session died on its own (bad input): these bytes start a fresh one
-                self._end_session()
-                self._start_session()
-                try:
-                    self._sock.sendall(data)
-                except OSError:
+            for kind, chunk in scanner.feed(data):
+                if kind == "hello":
                     self._end_session()
+                    if self._write_port(chunk):
+                        self._start_session()
+                elif self._sock is not None:
+                    try:
+                        self._sock.sendall(chunk)
+                    except OSError:
+                        self._end_session()  # the session died on its own (bad input)
+
+    def _write_port(self, data: bytes, timeout: float = 10.0) -> bool:
+        """Write all of data unless the host goes away for `timeout`."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        view = memoryview(data)
+        deadline = time.monotonic() + timeout
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except (BlockingIOError, InterruptedError):
+                if time.monotonic() > deadline:
+                    return False
+                poller.poll(50)
+            except OSError:
+                return False
+        return True
 
     def _start_session(self) -> None:
         ours, theirs = socket.socketpair()
@@ -276,7 +293,8 @@ class PortServer:
         threading.Thread(target=self._run_transport, args=(theirs, n), daemon=True, name=f"ssh-{n}").start()
 
     def _end_session(self) -> None:
-        self._current = 0
+        with self._write_lock:  # after this, the old writer cannot write another byte
+            self._current = 0
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
@@ -297,14 +315,17 @@ class PortServer:
                 return
             view = memoryview(data)
             while view:
-                if self._current != n:
-                    return  # session over: never let its bytes reach the next connection
-                try:
-                    view = view[os.write(self.fd, view):]
-                except (BlockingIOError, InterruptedError):
-                    poller.poll(50)
-                except OSError:
-                    return
+                with self._write_lock:
+                    if self._current != n:
+                        return  # session over: never let its bytes reach the next connection
+                    try:
+                        view = view[os.write(self.fd, view):]
+                        continue
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    except OSError:
+                        return
+                poller.poll(50)
 
     def _run_transport(self, sock, n: int) -> None:
         t = AgentTransport(sock)
@@ -372,6 +393,12 @@ def serve_unix(agent, path: str) -> None:
 
 
 def _serve_conn(agent, conn, host_key) -> None:
+    try:
+        conn.sendall(sync.read_hello(conn.recv))  # the host sends nothing more before the echo
+    except (OSError, sync.SyncError) as e:
+        print(f"vmcri-agent: no session sync: {e}", flush=True)
+        conn.close()
+        return
     t = AgentTransport(conn)
     t.add_server_key(host_key)
     try:
