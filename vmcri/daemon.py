@@ -123,6 +123,7 @@ class Runtime:
         }), "pool": json.dumps(self.pool.snapshot())}
 
     def close(self) -> None:
+        self.hv.close()  # no lifecycle handler may touch the store after this
         self.store.close()
 
 

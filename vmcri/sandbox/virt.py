@@ -52,6 +52,7 @@ class Hypervisor:
         # fn(domain_name) called when a domain stops for any reason
         self.on_domain_stopped: list = []
         self._watch = watch_events
+        self._callback_id = None
         if watch_events:
             _start_event_loop()
 
@@ -65,9 +66,23 @@ class Hypervisor:
                     pass
             self._conn = libvirt.open(self.uri)
             if self._watch:
-                self._conn.domainEventRegisterAny(
+                self._callback_id = self._conn.domainEventRegisterAny(
                     None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
             return self._conn
+
+    def close(self) -> None:
+        """Stop delivering events to our handlers (their state may be gone) and drop the
+        connection."""
+        with self._lock:
+            self.on_domain_stopped = []
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                if self._callback_id is not None:
+                    conn.domainEventDeregisterAny(self._callback_id)
+                conn.close()
+            except libvirt.libvirtError:
+                pass
 
     def _lifecycle(self, _conn, dom, event, _detail, _opaque) -> None:
         if event not in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_CRASHED):
