@@ -53,6 +53,9 @@ class Config:
 
     cni_conf_dir: str = "/etc/cni/net.d"
     cni_bin_dirs: list[str] = field(default_factory=lambda: ["/opt/cni/bin", "/usr/lib/cni"])
+    # Jinja2 template rendered into <cni_conf_dir>/10-vmcri-net.conflist when the kubelet
+    # sends its pod CIDR (UpdateRuntimeConfig), like containerd's conf_template. "" = off.
+    cni_conf_template: str = ""
 
     streaming_address: str = "127.0.0.1"
     streaming_port: int = 10350
@@ -174,6 +177,8 @@ def validate(cfg: Config) -> None:
     for key in ("socket_path", "root_dir", "run_dir"):
         if not os.path.isabs(getattr(cfg, key)):
             raise ConfigError(f"{key}: must be an absolute path, got {getattr(cfg, key)!r}")
+    if cfg.cni_conf_template and not os.path.isabs(cfg.cni_conf_template):
+        raise ConfigError(f"cni_conf_template: must be an absolute path, got {cfg.cni_conf_template!r}")
     if cfg.min_memory_mib < 128:
         raise ConfigError("min_memory_mib: the guest does not boot below 128")
     if cfg.default_memory_mib < cfg.min_memory_mib:

@@ -15,6 +15,7 @@ from vmcri.config import Config
 from vmcri.cri import grpc_errors
 from vmcri.events import EventBus
 from vmcri.metrics import Metrics
+from vmcri.network import conf_template
 from vmcri.sandbox import accel
 from vmcri.sandbox.virt import Hypervisor
 from vmcri.store import Store
@@ -120,7 +121,14 @@ class Runtime:
             "libvirtUri": self.cfg.libvirt_uri, "rootDir": self.cfg.root_dir,
             "runDir": self.cfg.run_dir, "guestImageDir": self.cfg.guest_dir,
             "cniConfDir": self.cfg.cni_conf_dir, "cniBinDirs": self.cfg.cni_bin_dirs,
+            "cniConfTemplate": self.cfg.cni_conf_template, "podCIDR": self.pod_cidr,
         }), "pool": json.dumps(self.pool.snapshot())}
+
+    def set_pod_cidr(self, pod_cidr: str) -> None:
+        """The kubelet's node pod CIDR: rendered into a CNI config when a template is set;
+        otherwise the CNI plugins own addressing, as in containerd."""
+        conf_template.apply(self.cfg, pod_cidr)
+        self.pod_cidr = pod_cidr
 
     def close(self) -> None:
         self.hv.close()  # no lifecycle handler may touch the store after this

@@ -167,8 +167,7 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
             self.rt.events.unsubscribe(q)
 
     def UpdateRuntimeConfig(self, request, context):
-        # The kubelet sends the pod CIDR here; CNI plugins own addressing, as in containerd.
-        self.rt.pod_cidr = request.runtime_config.network_config.pod_cidr
+        self.rt.set_pod_cidr(request.runtime_config.network_config.pod_cidr)
         return pb.UpdateRuntimeConfigResponse()
 
 
