@@ -31,7 +31,8 @@ def _one(d, name: str) -> tuple[str | None, float, str]:
         sid, took = run_pod(d, name)
         return sid, took, ""
     except Exception as e:
-        return None, time.monotonic() - t, f"{type(e).__name__}: {getattr(e, 'details', lambda: e)()}"[:300]
+        details = e.details() if hasattr(e, "details") else str(e)
+        return None, time.monotonic() - t, f"{type(e).__name__}: {details}"[:300]
 
 
 def _teardown(d, sids: list[str]) -> None:

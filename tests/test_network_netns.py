@@ -67,7 +67,7 @@ def test_bad_names_are_refused(ns_dir, bad):
 
 def test_in_netns_switches_only_inside_the_block(ns_dir):
     path = netns.create(ns_dir, "ctx")
-    host = _inode(f"/proc/thread-self/ns/net")
+    host = _inode("/proc/thread-self/ns/net")
     with netns.InNetns(path):
         assert _inode("/proc/thread-self/ns/net") == _inode(path)
     assert _inode("/proc/thread-self/ns/net") == host

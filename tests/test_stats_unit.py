@@ -1,5 +1,4 @@
 """Stats shaping: cAdvisor semantics and hostile agent numbers."""
-from cri_api.v1 import api_pb2 as pb
 
 from vmcri import stats as st
 

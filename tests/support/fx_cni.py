@@ -47,7 +47,7 @@ class HostNetns:
                        check=True)
         self._ctx = netns.InNetns(self.path)
         # the real host netns, still reachable by path for nsenter while we are inside
-        self._outer_fd = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+        self._outer_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         self.outer_path = f"/proc/{os.getpid()}/fd/{self._outer_fd}"
 
     def __enter__(self):

@@ -39,7 +39,7 @@ def _handle_request_then_start(chan: Channel, m) -> None:
     has sent its reply (starting earlier races the reply: host sees "Channel closed")."""
     pos = m.packet.tell()
     key = m.get_text()
-    want_reply = m.get_boolean()
+    m.get_boolean()  # want_reply: paramiko's handler re-reads it
     server = chan.transport.server_object
     if key == "signal":
         name = m.get_text()

@@ -1,15 +1,15 @@
 """ExecSync: `crun exec` in the guest over one SSH channel; output capped like the kubelet's."""
 from __future__ import annotations
 
-import json
-import os
 import secrets
 
-from vmcri.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from cri_api.v1 import api_pb2
+
+from vmcri.container import ocispec
+from vmcri.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable, VmcriError
 
 MAX_EXEC_OUTPUT = 16 * 1024 * 1024  # the kubelet's own cap on ExecSync output
 DEFAULT_TIMEOUT_S = 3600
-MAX_SPEC_BYTES = 4 << 20
 KILL_TIMEOUT_S = 10
 
 
@@ -26,14 +26,17 @@ _KILL_TRACKED = 'kill -KILL "$(cat "$1")" 2>/dev/null; rm -f "$1"'
 
 
 def container_cwd(svc, rec) -> str:
-    """The container's working dir from its bundle: crun exec starts in "/" otherwise, while
-    containerd's exec (and so kubectl exec) starts where the container does."""
+    """Where the container's process starts, from host-side state (the bundle is in the
+    guest-writable share): crun exec starts in "/" otherwise, while containerd's exec (and
+    so kubectl exec) starts where the container does."""
+    config = api_pb2.ContainerConfig.FromString(rec.config)
+    if config.working_dir:
+        return config.working_dir
     try:
-        with open(os.path.join(svc.dirs(rec).bundle, "config.json"), "rb") as f:
-            cwd = json.loads(f.read(MAX_SPEC_BYTES)).get("process", {}).get("cwd", "")
-    except (OSError, ValueError, AttributeError):
+        image = svc.images.resolve(rec.image_id)
+        return ocispec.image_working_dir(image.raw_config.get("config") or {})
+    except VmcriError:
         return ""
-    return cwd if isinstance(cwd, str) and cwd.startswith("/") else ""
 
 
 def exec_sync(svc, container_id: str, cmd: list[str], timeout: int):
