@@ -56,6 +56,9 @@ class Config:
     # Jinja2 template rendered into <cni_conf_dir>/10-vmcri-net.conflist when the kubelet
     # sends its pod CIDR (UpdateRuntimeConfig), like containerd's conf_template. "" = off.
     cni_conf_template: str = ""
+    # The netns libvirtd (and so each VM's tap) lives in, when vmcri runs in another one
+    # (a container, or the tests' private "node" netns). "" = vmcri's own.
+    libvirt_netns: str = ""
 
     streaming_address: str = "127.0.0.1"
     streaming_port: int = 10350
@@ -177,6 +180,8 @@ def validate(cfg: Config) -> None:
     for key in ("socket_path", "root_dir", "run_dir"):
         if not os.path.isabs(getattr(cfg, key)):
             raise ConfigError(f"{key}: must be an absolute path, got {getattr(cfg, key)!r}")
+    if cfg.libvirt_netns and not os.path.isabs(cfg.libvirt_netns):
+        raise ConfigError(f"libvirt_netns: must be an absolute path, got {cfg.libvirt_netns!r}")
     if cfg.cni_conf_template and not os.path.isabs(cfg.cni_conf_template):
         raise ConfigError(f"cni_conf_template: must be an absolute path, got {cfg.cni_conf_template!r}")
     if cfg.min_memory_mib < 128:

@@ -24,6 +24,7 @@ class Daemon:
     root_dir: str
     run_dir: str
     extra_config: str = ""
+    netns: str = ""   # run the daemon in this network namespace (a test-made "node")
     proc: subprocess.Popen | None = None
     log_path: str = ""
     channel: grpc.Channel | None = None
@@ -35,8 +36,9 @@ class Daemon:
         self.log_path = os.path.join(self.base, f"daemon-{len(self._logs)}.log")
         self._logs.append(self.log_path)
         out = open(self.log_path, "w")
+        enter = ["nsenter", f"--net={self.netns}"] if self.netns else []  # execs, same pid
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmcri.cli", "--config", self.config_path, "serve"],
+            [*enter, sys.executable, "-m", "vmcri.cli", "--config", self.config_path, "serve"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.socket):

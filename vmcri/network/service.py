@@ -232,7 +232,7 @@ class NetworkService:
 
     # -- VM tap -----------------------------------------------------------------
     def attach_tap(self, netns_path: str, tap_name: str, pod_ifname: str = "eth0") -> None:
-        tap.attach(netns_path, tap_name, pod_ifname)
+        tap.attach(netns_path, tap_name, pod_ifname, self.cfg.libvirt_netns or None)
 
     def detach_tap(self, netns_path: str, tap_name: str, pod_ifname: str = "eth0") -> None:
         tap.detach(netns_path, tap_name, pod_ifname)

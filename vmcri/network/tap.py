@@ -68,18 +68,19 @@ def _redirect(src: str, dst: str, netns_path: str) -> None:
           "action", "mirred", "egress", "redirect", "dev", dst], netns_path)
 
 
-def attach(netns_path: str, tap_name: str, pod_ifname: str = "eth0") -> None:
-    """Move `tap_name` into the pod netns and wire it to `pod_ifname` both ways."""
+def attach(netns_path: str, tap_name: str, pod_ifname: str = "eth0", tap_netns: str | None = None) -> None:
+    """Move `tap_name` from `tap_netns` (where libvirt made it; None = ours) into the pod
+    netns and wire it to `pod_ifname` both ways."""
     check_ifname(tap_name, "tap_name")
     check_ifname(pod_ifname, "pod_ifname")
     pod = link(pod_ifname, netns_path)
     if pod is None:
         raise errors.NotFound(f"pod interface {pod_ifname} not found in {netns_path}")
     if link(tap_name, netns_path) is None:
-        if link(tap_name) is None:
-            raise errors.NotFound(f"tap {tap_name} exists neither in the host netns "
+        if link(tap_name, tap_netns) is None:
+            raise errors.NotFound(f"tap {tap_name} exists neither in libvirt's netns "
                                   f"nor in {netns_path}")
-        _run(["ip", "link", "set", "dev", tap_name, "netns", netns_path])
+        _run(["ip", "link", "set", "dev", tap_name, "netns", netns_path], tap_netns)
     mtu = str(pod.get("mtu") or 1500)
     _run(["ip", "link", "set", "dev", tap_name, "mtu", mtu, "up"], netns_path)
     # The guest owns the IP now; the netns stack must not answer for it.
