@@ -43,6 +43,11 @@ def spec_for(name: str) -> DomainSpec:
         return _fixed(designer.design(cfg, sandbox_id=SID, config=config, sizing=sizing,
                                       accel=tcg, guest=FakeGuest, paths=paths,
                                       nic_mac="0a:58:0a:59:00:05", nic_mtu=1450))
+    if name == "tcg-no-hotplug":  # max_memory_mib = 0, max_vcpus = the pod's: fixed shape
+        cfg = Config(max_memory_mib=0, max_vcpus=1)
+        sizing = designer.size(cfg, config.linux)
+        return _fixed(designer.design(cfg, sandbox_id=SID, config=config, sizing=sizing,
+                                      accel=tcg, guest=FakeGuest, paths=paths))
     if name == "kvm-escaped":
         config.metadata.name = "evil'<name>&\""
         sizing = designer.size(cfg, config.linux)
@@ -57,7 +62,7 @@ def _fixed(spec: DomainSpec) -> DomainSpec:
     return dataclasses.replace(spec, uuid="11111111-2222-3333-4444-555555555555")
 
 
-@pytest.mark.parametrize("name", ["tcg-defaults", "tcg-nic-sized", "kvm-escaped"])
+@pytest.mark.parametrize("name", ["tcg-defaults", "tcg-nic-sized", "tcg-no-hotplug", "kvm-escaped"])
 def test_golden_domain_xml(name):
     xml = render_domain(spec_for(name))
     path = GOLDEN / f"domain_{name}.xml"

@@ -44,6 +44,8 @@ class Config:
     default_memory_mib: int = 256
     min_memory_mib: int = 128
     max_vcpus: int = 8
+    # Memory hotplug ceiling (DIMMs, docs/operating.md "Resizing"): 0 = pods cannot grow memory.
+    max_memory_mib: int = 2048
     # 32 MiB flushes during boot: 64 cut qemu CPU to agent-ready ~10% for +37 MiB RSS (bench/README.md)
     tcg_tb_cache_mib: int = 64
     agent_timeout_s: float = 90.0
@@ -194,6 +196,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"pool_max_concurrent_boots: {cfg.pool_max_concurrent_boots} is not within 1..16")
     if cfg.default_vcpus > cfg.max_vcpus:
         raise ConfigError(f"default_vcpus: {cfg.default_vcpus} is above max_vcpus {cfg.max_vcpus}")
+    if cfg.max_vcpus > 255:
+        raise ConfigError(f"max_vcpus: {cfg.max_vcpus} is above 255 (i440fx without an IOMMU)")
+    if cfg.max_memory_mib and not cfg.default_memory_mib < cfg.max_memory_mib <= 1 << 20:
+        raise ConfigError(f"max_memory_mib: {cfg.max_memory_mib} must be 0 (no memory hotplug) or "
+                          f"above default_memory_mib {cfg.default_memory_mib} and at most 1048576")
 
 
 def load(path: str | None = None) -> Config:

@@ -15,6 +15,16 @@ from vmcri.sandbox.domain import DOMAIN_PREFIX, DomainSpec, NicSpec, SandboxMeta
 MIB = 1024 * 1024
 # What the guest kernel, agent and crun need on top of the containers' limits.
 GUEST_OVERHEAD_MIB = 96
+# Memory hotplug: the guest onlines memory in 128 MiB blocks (x86 memory block size),
+# so every DIMM is a multiple of that; the slot count bounds how many grows a VM gets.
+DIMM_ALIGN_MIB = 128
+DIMM_SLOTS = 16
+# Hot-added memory is onlined by the kernel itself (there is no udev in the guest), as
+# ZONE_MOVABLE so that the DIMM can be unplugged again. maxMemory puts the hotplug range
+# above 4 GiB, which makes the kernel reserve a 64 MiB swiotlb bounce buffer that no
+# device of ours needs (virtio without an IOMMU does 64-bit DMA): measured, that buffer
+# took 66 MiB of a 256 MiB guest's MemTotal and ~60 MB of qemu RSS.
+MEMORY_HOTPLUG_CMDLINE = "memhp_default_state=online_movable swiotlb=noforce"
 
 
 @dataclass(frozen=True)
@@ -51,26 +61,53 @@ def tap_name(sandbox_id: str) -> str:
     return f"vmcri{sandbox_id[:8]}"  # IFNAMSIZ: at most 15 characters
 
 
+def demand(*resources: pb.LinuxContainerResources) -> tuple[float, int]:
+    """(CPUs, memory bytes) the given resources ask for: sum of quota/period and of
+    memory limits; 0 for what none of them limits."""
+    cpus = 0.0
+    mem = 0
+    for res in resources:
+        if res.cpu_quota > 0 and res.cpu_period > 0:
+            cpus += res.cpu_quota / res.cpu_period
+        if res.memory_limit_in_bytes > 0:
+            mem += res.memory_limit_in_bytes
+    return cpus, mem
+
+
+def vcpus_for(cpus: float) -> int:
+    """Whole vCPUs for a CPU demand (not capped)."""
+    return max(1, math.ceil(round(cpus, 6)))  # 1.0000000001 from float division is still 1
+
+
+def memory_mib_for(cfg: Config, mem_bytes: int) -> int:
+    """Guest memory for a containers' memory demand: limit + what the guest needs, floored."""
+    return max(math.ceil(mem_bytes / MIB) + GUEST_OVERHEAD_MIB, cfg.min_memory_mib)
+
+
 def size(cfg: Config, linux: pb.LinuxPodSandboxConfig) -> Sizing:
     """vCPUs and memory from the pod's resources plus overhead, else the defaults.
 
     CPU: ceil(quota/period) of resources + overhead. Memory: the limit plus
     overhead plus what the guest itself needs. Both floored at what boots and
     capped by config."""
-    cpus = 0.0
-    mem = 0
-    for res in (linux.resources, linux.overhead):
-        if res.cpu_quota > 0 and res.cpu_period > 0:
-            cpus += res.cpu_quota / res.cpu_period
-        if res.memory_limit_in_bytes > 0:
-            mem += res.memory_limit_in_bytes
+    cpus, mem = demand(linux.resources, linux.overhead)
     if cpus == 0 and mem == 0:
         return Sizing(cfg.default_vcpus, cfg.default_memory_mib, "defaults")
-    vcpus = max(1, math.ceil(cpus)) if cpus else cfg.default_vcpus
-    vcpus = min(vcpus, cfg.max_vcpus)
-    memory = (math.ceil(mem / MIB) + GUEST_OVERHEAD_MIB) if mem else cfg.default_memory_mib
-    memory = max(memory, cfg.min_memory_mib)
+    vcpus = min(vcpus_for(cpus), cfg.max_vcpus) if cpus else cfg.default_vcpus
+    memory = memory_mib_for(cfg, mem) if mem else cfg.default_memory_mib
     return Sizing(vcpus, memory, "pod resources")
+
+
+def max_memory_mib(cfg: Config, memory_mib: int) -> int:
+    """The hotplug ceiling of a VM booted with `memory_mib`; 0 when it cannot grow."""
+    if cfg.max_memory_mib < memory_mib + DIMM_ALIGN_MIB:
+        return 0
+    return memory_mib + (cfg.max_memory_mib - memory_mib) // DIMM_ALIGN_MIB * DIMM_ALIGN_MIB
+
+
+def dimm_mib(want_mib: int) -> int:
+    """The DIMM size that adds at least `want_mib`."""
+    return max(1, math.ceil(want_mib / DIMM_ALIGN_MIB)) * DIMM_ALIGN_MIB
 
 
 def design(cfg: Config, *, sandbox_id: str, config: pb.PodSandboxConfig, sizing: Sizing,
@@ -79,6 +116,7 @@ def design(cfg: Config, *, sandbox_id: str, config: pb.PodSandboxConfig, sizing:
     """`guest` is a vmcri.guestimage.GuestImage (kernel, initrd, rootfs, cmdline)."""
     md = config.metadata
     nic = NicSpec(mac=nic_mac, tap=tap_name(sandbox_id), mtu=nic_mtu) if nic_mac else None
+    max_mem = max_memory_mib(cfg, sizing.memory_mib)
     return DomainSpec(
         name=domain_name(sandbox_id),
         uuid=str(uuidlib.uuid4()),
@@ -87,13 +125,15 @@ def design(cfg: Config, *, sandbox_id: str, config: pb.PodSandboxConfig, sizing:
                              owner=cfg.root_dir),
         domain_type=accel.domain_type,
         memory_mib=sizing.memory_mib,
+        max_memory_mib=max_mem,
+        memory_slots=DIMM_SLOTS if max_mem else 0,
         vcpus=sizing.vcpus,
-        max_vcpus=sizing.vcpus,
+        max_vcpus=max(sizing.vcpus, cfg.max_vcpus),  # hot-pluggable up to the max
         tb_cache_mib=cfg.tcg_tb_cache_mib,
         kernel=guest.kernel,
         initrd=guest.initrd,
         root_disk=guest.rootfs,
-        cmdline=guest.cmdline,
+        cmdline=f"{guest.cmdline} {MEMORY_HOTPLUG_CMDLINE}" if max_mem else guest.cmdline,
         agent_socket=paths.agent_socket,
         console_log=paths.console_log,
         share_dir=paths.share_dir,

@@ -54,7 +54,9 @@ class DomainSpec:
     agent_socket: str
     console_log: str
     domain_type: str = "qemu"  # "kvm" or "qemu" (TCG)
-    memory_mib: int = 256
+    memory_mib: int = 256  # boot memory (NUMA cell 0 when memory is hot-pluggable)
+    max_memory_mib: int = 0  # 0: no memory hotplug; else <maxMemory> and DIMM slots
+    memory_slots: int = 0
     vcpus: int = 1
     max_vcpus: int = 1
     tb_cache_mib: int = 32
@@ -71,12 +73,22 @@ class DomainSpec:
             raise ValueError(f"vcpus: {self.vcpus} not within 1..max_vcpus={self.max_vcpus}")
         if self.memory_mib < 64:
             raise ValueError(f"memory_mib: {self.memory_mib} is too small to boot")
+        if self.max_memory_mib and (self.max_memory_mib <= self.memory_mib or self.memory_slots < 1):
+            raise ValueError(f"max_memory_mib: {self.max_memory_mib} needs to be above memory_mib "
+                             f"{self.memory_mib} with at least one slot")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", self.name):
             raise ValueError(f"name: {self.name!r} is not a valid domain name")
 
 
 def render_domain(spec: DomainSpec) -> str:
     return _env.get_template("domain.xml.j2").render(spec=spec, metadata_ns=METADATA_NS)
+
+
+def render_dimm(size_mib: int) -> str:
+    """A <memory model='dimm'> device for attachDeviceFlags (memory hotplug into NUMA cell 0)."""
+    if size_mib <= 0:
+        raise ValueError(f"size_mib: {size_mib} is not positive")
+    return _env.get_template("dimm.xml.j2").render(size_mib=size_mib)
 
 
 def parse_metadata(xml: str) -> SandboxMeta | None:
