@@ -8,55 +8,28 @@ and plays the rest of the cluster.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import subprocess
 import sys
-import uuid
 
 import pytest
 from cri_api.v1 import api_pb2 as pb
 
-from tests.support.fx_cni import SYSTEM_CNI_BIN, run_in
+from tests.support.fx_cni import NodeNetwork, run_in
 from tests.test_sandbox_vm import pod_config
 from vmcri.network import netns, tap
 
 pytestmark = [pytest.mark.vm, pytest.mark.registry]
 
 POD_NET = "10.89.3.0/24"
-NODE_IP, CLIENT_IP = "10.77.0.1", "10.77.0.2"
 HOST_PORT = 18080
-BRIDGE = "vmcri-tbr3"
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    base = str(tmp_path_factory.mktemp("vmnet"))
-    ns_dir = os.path.join(base, "ns")
-    tag = uuid.uuid4().hex[:6]
-    node_ns = netns.create(ns_dir, f"node-{tag}")
-    client_ns = netns.create(ns_dir, f"client-{tag}")
-    for ns in (node_ns, client_ns):
-        run_in(ns, "ip", "link", "set", "lo", "up")
-    run_in(node_ns, "ip", "link", "add", "n0", "type", "veth", "peer", "name", "c0", "netns", client_ns)
-    run_in(node_ns, "ip", "addr", "add", f"{NODE_IP}/24", "dev", "n0")
-    run_in(node_ns, "ip", "link", "set", "n0", "up")
-    run_in(node_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-    run_in(client_ns, "ip", "addr", "add", f"{CLIENT_IP}/24", "dev", "c0")
-    run_in(client_ns, "ip", "link", "set", "c0", "up")
-    run_in(client_ns, "ip", "route", "add", POD_NET, "via", NODE_IP)
-    conf, ipam = os.path.join(base, "net.d"), os.path.join(base, "ipam")
-    os.makedirs(conf)
-    with open(os.path.join(conf, "10-vmnet.conflist"), "w") as f:
-        json.dump({"cniVersion": "1.0.0", "name": "vmcri-vmnet", "plugins": [
-            {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": False, "hairpinMode": True,
-             "ipam": {"type": "host-local", "dataDir": ipam, "ranges": [[{"subnet": POD_NET}]],
-                      "routes": [{"dst": "0.0.0.0/0"}]}},
-            {"type": "portmap", "capabilities": {"portMappings": True}}]}, f)
-    yield {"node": node_ns, "client": client_ns, "conf": conf, "ipam": ipam}
-    for ns in (client_ns, node_ns):  # the bridge, veths and portmap rules go with them
-        netns.delete_path(ns)
-    netns.release_dir(ns_dir)
+    n = NodeNetwork(str(tmp_path_factory.mktemp("vmnet")), POD_NET, "vmcri-tbr3")
+    yield n
+    n.remove()
 
 
 def server_config(name: str, image: str, text: str) -> pb.ContainerConfig:
@@ -68,15 +41,10 @@ def server_config(name: str, image: str, text: str) -> pb.ContainerConfig:
 
 @pytest.fixture(scope="module")
 def env(daemon_factory, test_images, node):
-    d = daemon_factory(f'cni_conf_dir = "{node["conf"]}"\ncni_bin_dirs = ["{SYSTEM_CNI_BIN}"]\n'
-                       f'libvirt_netns = "/proc/{os.getpid()}/ns/net"\n'
-                       f'insecure_registries = ["{test_images.registry}"]')
+    d = daemon_factory(node.daemon_config() + f'insecure_registries = ["{test_images.registry}"]')
     image = test_images.single.ref
-    # the registry listens on the host's loopback: pull before moving the daemon to the node
     d.image.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image)))
-    d.stop()
-    d.netns = node["node"]
-    d.start()
+    node.move_daemon_in(d)
     pods = {}
     for name, ports in (("net-a", []), ("net-b", [pb.PortMapping(protocol=pb.TCP, container_port=8080,
                                                                  host_port=HOST_PORT)])):
@@ -127,7 +95,7 @@ def test_each_pod_gets_its_own_ip_from_the_pod_network(env):
 
 def test_a_client_in_another_netns_reaches_the_pod_by_ip(env):
     d, pods, node = env
-    assert fetch_from(node["client"], pod_ip(d, pods["net-a"]["sid"]), 8080) == "hello-from-net-a"
+    assert fetch_from(node.client, pod_ip(d, pods["net-a"]["sid"]), 8080) == "hello-from-net-a"
 
 
 def test_two_pods_reach_each_other(env):
@@ -142,7 +110,7 @@ def test_two_pods_reach_each_other(env):
 
 def test_host_port_mapping_reaches_the_pod(env):
     _, _, node = env
-    assert fetch_from(node["client"], NODE_IP, HOST_PORT) == "hello-from-net-b"
+    assert fetch_from(node.client, node.NODE_IP, HOST_PORT) == "hello-from-net-b"
 
 
 def test_pods_keep_their_network_across_a_daemon_kill(env):
@@ -152,8 +120,8 @@ def test_pods_keep_their_network_across_a_daemon_kill(env):
     d.stop(signal.SIGKILL)
     d.start()
     assert {n: pod_ip(d, p["sid"]) for n, p in pods.items()} == before
-    assert fetch_from(node["client"], before["net-a"], 8080) == "hello-from-net-a"
-    assert fetch_from(node["client"], NODE_IP, HOST_PORT) == "hello-from-net-b"
+    assert fetch_from(node.client, before["net-a"], 8080) == "hello-from-net-a"
+    assert fetch_from(node.client, node.NODE_IP, HOST_PORT) == "hello-from-net-b"
 
 
 def test_stop_and_remove_leave_no_network_behind(env):
@@ -163,12 +131,10 @@ def test_stop_and_remove_leave_no_network_behind(env):
         d.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=p["sid"]))
         d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=p["sid"]))
     assert netns.list_names(os.path.join(d.run_dir, "netns")) == []
-    ports = json.loads(run_in(node["node"], "ip", "-j", "link", "show", "master", BRIDGE).stdout or "[]")
-    assert ports == []  # no pod veth left on the bridge
+    assert node.bridge_ports() == []  # no pod veth left on the bridge
     for p in pods.values():
         name = tap.tap_name_for(p["sid"])
-        assert tap.link(name) is None and tap.link(name, node["node"]) is None
-    leases = [f for f in os.listdir(os.path.join(node["ipam"], "vmcri-vmnet")) if f[0].isdigit()]
-    assert leases == []
-    nat = run_in(node["node"], "iptables-save", "-t", "nat").stdout
+        assert tap.link(name) is None and tap.link(name, node.node) is None
+    assert node.leases() == []
+    nat = run_in(node.node, "iptables-save", "-t", "nat").stdout
     assert str(HOST_PORT) not in nat  # the portmap DNAT went with the pod

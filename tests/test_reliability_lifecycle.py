@@ -22,6 +22,7 @@ import libvirt
 import pytest
 from cri_api.v1 import api_pb2 as pb
 
+from tests.support.fx_cni import NodeNetwork
 from tests.test_sandbox_vm import pod_config
 from vmcri.network.tap import tap_name_for
 
@@ -46,11 +47,12 @@ def _domains(d) -> list[str]:
         conn.close()
 
 
-def _taps(sandbox_ids) -> list[str]:
+def _taps(sandbox_ids, node) -> list[str]:
+    """Pod taps left in libvirt's (the host's) netns or in the node's."""
     links = json.loads(subprocess.run(["ip", "-j", "link"], capture_output=True, text=True,
                                       check=True).stdout or "[]")
     ours = {tap_name_for(s) for s in sandbox_ids}
-    return [link["ifname"] for link in links if link["ifname"] in ours]
+    return [n for n in [link["ifname"] for link in links] + node.links() if n in ours]
 
 
 def _rows(d) -> dict[str, int]:
@@ -68,14 +70,17 @@ def _dirs(top: str) -> frozenset:
                      if os.sep in (rel := os.path.relpath(os.path.join(root, sub), top)))
 
 
-def footprint(d, sandbox_ids=()) -> dict:
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line for line in f if d.base in line]
+def footprint(d, node, sandbox_ids=()) -> dict:
     netns_dir = os.path.join(d.run_dir, "netns")
+    with open("/proc/self/mountinfo") as f:
+        # the netns dir's own shared self-bind is made once, on first use, and stays
+        mounts = [line for line in f if d.base in line and line.split()[4] != netns_dir]
     return {
         "domains": len(_domains(d)),
         "netns": len(os.listdir(netns_dir)) if os.path.isdir(netns_dir) else 0,
-        "taps": len(_taps(sandbox_ids)),
+        "taps": len(_taps(sandbox_ids, node)),
+        "bridge_ports": len(node.bridge_ports()),
+        "leases": len(node.leases()),
         "mounts": len(mounts),
         "dirs_root": _dirs(d.root_dir),
         "dirs_run": _dirs(d.run_dir),
@@ -85,23 +90,31 @@ def footprint(d, sandbox_ids=()) -> dict:
     }
 
 
-def settled_footprint(d, sandbox_ids=(), want=None, timeout=60) -> dict:
+def settled_footprint(d, node, sandbox_ids=(), want=None, timeout=60) -> dict:
     """Threads and fds of closed connections go away asynchronously: wait a little."""
     deadline = time.monotonic() + timeout
     while True:
-        fp = footprint(d, sandbox_ids)
+        fp = footprint(d, node, sandbox_ids)
         if want is None or fp == want or time.monotonic() > deadline:
             return fp
         time.sleep(1)
 
 
 @pytest.fixture(scope="module")
-def lc_daemon(daemon_factory, test_images):
+def lc_node(tmp_path_factory):
+    node = NodeNetwork(str(tmp_path_factory.mktemp("lcnet")), "10.89.4.0/24", "vmcri-tbr4")
+    yield node
+    node.remove()
+
+
+@pytest.fixture(scope="module")
+def lc_daemon(daemon_factory, test_images, lc_node):
     # ten TCG boots at once on two cores are slow: the agent timeout is only a hang detector
-    d = daemon_factory('cni_conf_dir = ""\nagent_timeout_s = 900.0\n'
+    d = daemon_factory(lc_node.daemon_config() + 'agent_timeout_s = 900.0\n'
                        'insecure_registries = ["%s"]' % test_images.registry)
     d.image.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=test_images.multi.ref)))
-    return d, test_images.multi.ref
+    lc_node.move_daemon_in(d)  # real bridge CNI: netns, veths, taps and leases get counted
+    return d, test_images.multi.ref, lc_node
 
 
 def run_pod_with_sleeper(d, image, name, log_dir):
@@ -117,8 +130,8 @@ def run_pod_with_sleeper(d, image, name, log_dir):
 
 
 def test_qemu_killed_pod_goes_notready_others_unaffected(lc_daemon, tmp_path):
-    d, image = lc_daemon
-    before = footprint(d)
+    d, image, node = lc_daemon
+    before = footprint(d, node)
     victim = run_pod_with_sleeper(d, image, "qkill-victim", str(tmp_path))
     bystander = run_pod_with_sleeper(d, image, "qkill-bystander", str(tmp_path))
     try:
@@ -156,7 +169,7 @@ def test_qemu_killed_pod_goes_notready_others_unaffected(lc_daemon, tmp_path):
             d.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=victim[1]))
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
         assert victim[0] not in " ".join(_domains(d))
-        assert _taps([victim[0]]) == []
+        assert _taps([victim[0]], node) == []
         with open("/proc/self/mountinfo") as f:
             assert not [line for line in f if victim[0] in line]
         for top in (d.root_dir, d.run_dir):
@@ -165,8 +178,8 @@ def test_qemu_killed_pod_goes_notready_others_unaffected(lc_daemon, tmp_path):
     finally:
         for sid, _ in (victim, bystander):  # Remove stops first; a removed pod is fine
             d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid))
-    after = footprint(d)
-    for key in ("domains", "netns", "mounts", "dirs_root", "dirs_run", "rows"):
+    after = footprint(d, node)
+    for key in ("domains", "netns", "bridge_ports", "leases", "mounts", "dirs_root", "dirs_run", "rows"):
         assert after[key] == before[key], (key, before[key], after[key])
 
 
@@ -183,9 +196,9 @@ def one_cycle(d, image, name, log_dir, errors, made):
 
 
 def test_concurrent_cycles_leak_nothing(lc_daemon, tmp_path):
-    d, image = lc_daemon
+    d, image, node = lc_daemon
     made: list[str] = []
-    start = footprint(d)
+    start = footprint(d, node)
     warm = None
     for rnd in range(ROUNDS):
         errors: list[str] = []
@@ -199,13 +212,14 @@ def test_concurrent_cycles_leak_nothing(lc_daemon, tmp_path):
             t.join(1800)
         assert not [t for t in threads if t.is_alive()], "a cycle hung"
         assert not errors, "\n".join(errors)
-        fp = settled_footprint(d, made, want=warm)
+        fp = settled_footprint(d, node, made, want=warm)
         shown = {k: len(v) if isinstance(v, frozenset) else v for k, v in fp.items()}
         print(f"round {rnd}: {time.monotonic() - t0:.0f}s, footprint {shown}")
         if warm is None:
             warm = fp  # worker threads of the gRPC pool exist from the first round on
     # nothing of the pods is left, compared with before any of them
-    for key in ("domains", "netns", "taps", "mounts", "dirs_root", "dirs_run", "rows"):
+    for key in ("domains", "netns", "taps", "bridge_ports", "leases", "mounts", "dirs_root", "dirs_run",
+                "rows"):
         assert fp[key] == start[key], (key, start[key], fp[key])
     # and the daemon's own fds and threads did not grow from round to round. gRPC's worker
     # pool grows lazily (up to 32), so a busier second round may add a worker or two; a leak

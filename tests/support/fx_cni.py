@@ -111,3 +111,70 @@ def network_service(net_cfg, cni_host):
     yield svc
     svc.cleanup_orphans([])
     netns.release_dir(net_cfg.netns_dir)
+
+
+class NodeNetwork:
+    """A private "node" netns for a whole test daemon: it runs there (libvirt_netns points it
+    back at libvirtd's netns for the VM taps) with a bridge + host-local + portmap config, so
+    pod networking is real but the bridge, DNAT rules and traffic never reach the host's
+    netns. A "client" netns on a veth (CLIENT_IP -> NODE_IP) plays the rest of the cluster."""
+
+    NODE_IP, CLIENT_IP = "10.77.0.1", "10.77.0.2"
+
+    def __init__(self, base: str, subnet: str, bridge: str):
+        self.base, self.subnet, self.bridge = base, subnet, bridge
+        self.ns_dir = os.path.join(base, "ns")
+        self.net_name = "vmcri-" + bridge
+        tag = uuid.uuid4().hex[:6]
+        self.node = netns.create(self.ns_dir, f"node-{tag}")
+        self.client = netns.create(self.ns_dir, f"client-{tag}")
+        for ns in (self.node, self.client):
+            run_in(ns, "ip", "link", "set", "lo", "up")
+        run_in(self.node, "ip", "link", "add", "n0", "type", "veth", "peer", "name", "c0",
+               "netns", self.client)
+        run_in(self.node, "ip", "addr", "add", f"{self.NODE_IP}/24", "dev", "n0")
+        run_in(self.node, "ip", "link", "set", "n0", "up")
+        run_in(self.node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        run_in(self.client, "ip", "addr", "add", f"{self.CLIENT_IP}/24", "dev", "c0")
+        run_in(self.client, "ip", "link", "set", "c0", "up")
+        run_in(self.client, "ip", "route", "add", subnet, "via", self.NODE_IP)
+        self.conf_dir, self.ipam_dir = os.path.join(base, "net.d"), os.path.join(base, "ipam")
+        os.makedirs(self.conf_dir)
+        with open(os.path.join(self.conf_dir, "10-node.conflist"), "w") as f:
+            json.dump({"cniVersion": "1.0.0", "name": self.net_name, "plugins": [
+                {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
+                 "hairpinMode": True,
+                 "ipam": {"type": "host-local", "dataDir": self.ipam_dir,
+                          "ranges": [[{"subnet": subnet}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+                {"type": "portmap", "capabilities": {"portMappings": True}}]}, f)
+
+    def daemon_config(self) -> str:
+        return (f'cni_conf_dir = "{self.conf_dir}"\ncni_bin_dirs = ["{SYSTEM_CNI_BIN}"]\n'
+                f'libvirt_netns = "/proc/{os.getpid()}/ns/net"\n')
+
+    def move_daemon_in(self, d) -> None:
+        """Restart `d` inside the node (pull images before: the registry is on the host's lo)."""
+        d.stop()
+        d.netns = self.node
+        d.start()
+
+    def bridge_ports(self) -> list[str]:
+        got = run_in(self.node, "ip", "-j", "link", "show", "master", self.bridge, check=False)
+        if got.returncode != 0:  # no bridge yet: the first CNI ADD makes it
+            assert self.bridge not in self.links(), got.stderr
+            return []
+        return [link["ifname"] for link in json.loads(got.stdout or "[]")]
+
+    def leases(self) -> list[str]:
+        d = os.path.join(self.ipam_dir, self.net_name)
+        return sorted(f for f in os.listdir(d) if f[0].isdigit()) if os.path.isdir(d) else []
+
+    def links(self) -> list[str]:
+        """Every link name in the node netns (taps that strayed there would show)."""
+        out = run_in(self.node, "ip", "-j", "link").stdout
+        return sorted(link["ifname"] for link in json.loads(out or "[]"))
+
+    def remove(self) -> None:
+        for ns in (self.client, self.node):  # the bridge, veths and DNAT rules go with them
+            netns.delete_path(ns)
+        netns.release_dir(self.ns_dir)
