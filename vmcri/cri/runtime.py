@@ -19,7 +19,6 @@ from vmcri.cri.grpc_errors import stream, wrap_all
 PENDING = {
     # RPC -> why it is not there yet; each answers UNIMPLEMENTED with this text.
     "CheckpointContainer": "checkpointing a container inside a pod VM is not supported",
-    "UpdatePodSandboxResources": "live resizing of pod VMs (vCPU/memory hotplug) is not built yet",
 }
 
 
@@ -67,6 +66,13 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         return pb.PodSandboxStatusResponse(status=status, info=info,
                                            containers_statuses=containers,
                                            timestamp=time.time_ns())
+
+    def UpdatePodSandboxResources(self, request, context):
+        self.rt.sandboxes.update_resources(
+            request.pod_sandbox_id,
+            request.overhead if request.HasField("overhead") else None,
+            request.resources if request.HasField("resources") else None)
+        return pb.UpdatePodSandboxResourcesResponse()
 
     def ListPodSandbox(self, request, context):
         flt = request.filter if request.HasField("filter") else None

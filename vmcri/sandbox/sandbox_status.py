@@ -48,6 +48,8 @@ def verbose_info(svc, rec: SandboxRecord) -> dict[str, str]:
         "network": rec.network,
         "timings": rec.timings,
         "source": rec.resources.get("source", "cold"),  # "pool": a warm-pool VM was claimed
+        # the last UpdatePodSandboxResources: requested vs applied, and why not (if so)
+        "resize": rec.resources.get("resize"),
         "reason": rec.reason,
         "config": json.loads(_config_json(rec)),
     }

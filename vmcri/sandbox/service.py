@@ -112,6 +112,10 @@ class SandboxService:
         from vmcri.sandbox.sandbox_stop import remove_pod_sandbox
         remove_pod_sandbox(self, sandbox_id)
 
+    def update_resources(self, sandbox_id: str, overhead, resources) -> dict:
+        from vmcri.sandbox.sandbox_resize import update_pod_sandbox_resources
+        return update_pod_sandbox_resources(self, sandbox_id, overhead, resources)
+
     def refresh(self, rec: SandboxRecord) -> SandboxRecord:
         """Notice a VM that died under us: READY -> NOTREADY with a reason."""
         from vmcri.sandbox.sandbox_stop import mark_vm_gone

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
 
 import libvirt
 
@@ -40,6 +42,62 @@ def _start_event_loop() -> None:
 
         threading.Thread(target=run, name="libvirt-events", daemon=True).start()
         _event_loop_started = True
+
+
+@dataclass(frozen=True)
+class Dimm:
+    alias: str
+    size_mib: int
+    xml: str  # libvirt's own description of the device, as detachDeviceFlags wants it
+
+
+@dataclass(frozen=True)
+class LiveShape:
+    """A running domain's vCPUs and memory as libvirt has them (not what the guest onlined)."""
+    vcpus: int
+    max_vcpus: int
+    boot_memory_mib: int  # NUMA cell 0, or <memory> when there is no NUMA cell
+    max_memory_mib: int  # 0: no memory hotplug
+    slots: int
+    dimms: list[Dimm] = field(default_factory=list)
+
+    @property
+    def memory_mib(self) -> int:
+        return self.boot_memory_mib + sum(d.size_mib for d in self.dimms)
+
+
+_UNIT_MIB = {"b": 1 / 2**20, "bytes": 1 / 2**20, "k": 1 / 1024, "kib": 1 / 1024, "m": 1, "mib": 1,
+             "g": 1024, "gib": 1024}
+
+
+def _mib(node) -> int:
+    unit = (node.get("unit") or "KiB").lower()
+    return int(int(node.text.strip()) * _UNIT_MIB[unit])
+
+
+def parse_shape(xml: str) -> LiveShape:
+    """LiveShape from libvirt's XMLDesc of one of our domains."""
+    root = ET.fromstring(xml)
+    vcpu = root.find("vcpu")
+    max_vcpus = int(vcpu.text.strip())
+    vcpus = int(vcpu.get("current") or max_vcpus)
+    cell = root.find("cpu/numa/cell")
+    if cell is not None:
+        boot = int(int(cell.get("memory")) * _UNIT_MIB[(cell.get("unit") or "KiB").lower()])
+    else:
+        boot = _mib(root.find("memory"))
+    maxmem = root.find("maxMemory")
+    dimms = []
+    for dev in root.findall("devices/memory"):
+        if dev.get("model") != "dimm":
+            continue
+        alias = dev.find("alias")
+        dimms.append(Dimm(alias=alias.get("name") if alias is not None else "",
+                          size_mib=_mib(dev.find("target/size")),
+                          xml=ET.tostring(dev, encoding="unicode")))
+    return LiveShape(vcpus=vcpus, max_vcpus=max_vcpus, boot_memory_mib=boot,
+                     max_memory_mib=_mib(maxmem) if maxmem is not None else 0,
+                     slots=int(maxmem.get("slots", 0)) if maxmem is not None else 0, dimms=dimms)
 
 
 class Hypervisor:
@@ -138,6 +196,27 @@ class Hypervisor:
                 return False
             raise
         return True
+
+    # -- live resizing (policy in vmcri.sandbox.sandbox_resize) ----------------------
+    def _live(self, name: str) -> libvirt.virDomain:
+        dom = self.lookup(name)
+        if dom is None or not dom.isActive():
+            raise libvirt.libvirtError(f"domain {name} is not running")
+        return dom
+
+    def live_shape(self, name: str) -> LiveShape:
+        return parse_shape(self._live(name).XMLDesc(0))
+
+    def set_vcpus(self, name: str, count: int) -> None:
+        """Hot-plug (or unplug) vCPUs of the running domain; the guest still has to online them."""
+        self._live(name).setVcpusFlags(count, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    def attach_device(self, name: str, xml: str) -> None:
+        self._live(name).attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    def detach_device(self, name: str, xml: str) -> None:
+        """Returns once the guest has released the device; raises if it refused."""
+        self._live(name).detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
     def pid(self, name: str) -> int | None:
         """The qemu process id, from libvirt's pid file (no parsing of ps output)."""
