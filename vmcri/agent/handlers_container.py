@@ -3,34 +3,27 @@
 `container_create` runs `crun create` with the container's stdio (pipes, or a pty whose
 master crun hands back over the console socket); crun exits and the container's init is
 reparented to the agent, whose reaper records the init's status against the entry (crun's
-own exit is only the create result). The entry streams the output to attachers:
-- the log pump (`attach` without `live`) reads a bounded ring of recent output (outring.py)
-  from the byte offsets it names, so output made or in flight while the host is away is
-  delivered on its next attach exactly once;
-- `live` attachers (kubectl attach) each get their own bounded queue of output from the
-  moment they attach, and never touch the replay buffer.
-Every attacher gets the init's exit status (128+N for signal N) as SSH exit-status.
+own exit is only the create result). The entry streams the output to attachers
+(outstream.py): the host's log pump from the byte offsets it names, so output made or in
+flight while the host is away is delivered exactly once, and `live` attachers (kubectl
+attach) from the moment they join. Every attacher gets the init's exit status (128+N for
+signal N) as SSH exit-status.
 """
 from __future__ import annotations
 
-import collections
 import ctypes
 import errno
-import fcntl
 import json
 import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
-import termios
-import threading
 import time
 
 from . import pid1, protocol
 from .handlers_system import AgentCallError
-from .outring import STREAM_NAMES, OutputRing, RingReader
+from .outstream import OutputSource
 
 STATE_DIR = os.environ.get("VMCRI_AGENT_STATE_DIR", "/run/vmcri/containers")
 SHARE_MOUNT = os.environ.get("VMCRI_AGENT_SHARE_MOUNT", protocol.SHARE_MOUNT)
@@ -38,213 +31,26 @@ CGROUP_MOUNT = "/sys/fs/cgroup"
 MAX_CONFIG_BYTES = 4 << 20
 MAX_CRUN_OUTPUT = 8192
 CRUN_TIMEOUT_S = 60
-LIVE_QUEUE_BYTES = 256 << 10
-STREAM_GRACE_S = 2.0   # after the init exits, how long a leftover pipe writer may hold the output open
 PR_SET_CHILD_SUBREAPER = 36
 
 
-class _Feed:
-    """A bounded queue of (stream, bytes): drop-oldest, counted."""
+class ContainerEntry(OutputSource):
+    """The process-table entry of one container: its init's output and exit status, kept
+    until container_delete whatever was delivered."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.items: collections.deque[tuple[int, bytes]] = collections.deque()
-        self.size = 0
-        self.dropped = 0
-
-    def put(self, stream: int, data: bytes) -> None:
-        self.items.append((stream, data))
-        self.size += len(data)
-        while self.size > self.limit and self.items:
-            _, old = self.items.popleft()
-            self.size -= len(old)
-            self.dropped += len(old)
-
-    def take(self) -> list:
-        items = list(self.items)
-        self.items.clear()
-        self.size = 0
-        return items
-
-
-class ContainerEntry:
-    """The process-table entry of one container (same interface the server uses for
-    `run` processes: id, pid, dropped, status, delivered, attach, signal, resize)."""
-
-    delivered = False   # stays until container_delete, whatever was delivered
+    delivered = False
     finished = False
     supports_live = True
 
     def __init__(self, cid: str, tty: bool, want_stdin: bool, stdin_once: bool, cgroup: str | None):
-        self.id = cid
-        self.tty = tty
+        super().__init__(cid, tty)
         self.want_stdin = want_stdin
         self.stdin_once = stdin_once
         self.cgroup = cgroup
-        self.pid = -1   # until crun create reports it (never 0: killpg(0) is our own group)
-        self.status: int | None = None
         self.started = False
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._replay = OutputRing(protocol.PROCESS_BUFFER_BYTES)
-        self._delivered = {1: 0, 2: 0}  # ring offsets a log pump was sent in full
-        self._live: list[_Feed] = []
-        self._pump_gen = 0
-        self._open_streams = 0
-        self._exited_at: float | None = None
-        self._stdin_fd: int | None = None
-        self._stdin_attached = False
 
-    dropped = 0  # what a log pump missed depends on its offsets: see resume_point
-
-    def resume_point(self, offsets: dict | None) -> tuple[dict[int, int], int]:
-        """A pump naming no offsets resumes after what an earlier pump was sent."""
-        with self._lock:
-            if offsets is None:
-                offsets = {STREAM_NAMES[s]: n for s, n in self._delivered.items()}
-            return self._replay.resume_point(offsets)
-
-    # -- output -------------------------------------------------------------------
-    def start_reader(self, fd: int, stream: int) -> None:
-        with self._lock:
-            self._open_streams += 1
-        threading.Thread(target=self._read_loop, args=(fd, stream), daemon=True,
-                         name=f"ctr-out-{self.id[:12]}-{stream}").start()
-
-    def _read_loop(self, fd: int, stream: int) -> None:
-        try:
-            while True:
-                try:
-                    data = os.read(fd, 65536)
-                except InterruptedError:
-                    continue
-                except OSError:
-                    break  # EIO on a pty master once the container's side is gone
-                if not data:
-                    break
-                with self._lock:
-                    self._replay.put(stream, data)
-                    for feed in self._live:
-                        feed.put(stream, data)
-                    self._cond.notify_all()
-        finally:
-            os.close(fd)
-            with self._lock:
-                self._open_streams -= 1
-                self._cond.notify_all()
-
-    def on_exit(self, status: int) -> None:
-        with self._lock:
-            self.status = status
-            self._exited_at = time.monotonic()
-            self._cond.notify_all()
-        # wake the senders once the grace for leftover pipe writers is over
-        threading.Timer(STREAM_GRACE_S + 0.1, self._notify).start()
-
-    def _notify(self) -> None:
-        with self._lock:
-            self._cond.notify_all()
-
-    def _output_done(self) -> bool:
-        """Caller holds the lock: the init is gone and so is its output (or the grace ran out)."""
-        if self.status is None:
-            return False
-        return self._open_streams == 0 or time.monotonic() - self._exited_at > STREAM_GRACE_S
-
-    # -- attach -------------------------------------------------------------------
-    def attach(self, chan, with_stdin: bool, live: bool = False, offsets: dict | None = None) -> None:
-        with self._lock:
-            if live:
-                feed, gen = _Feed(LIVE_QUEUE_BYTES), None
-                self._live.append(feed)
-            else:
-                # one log pump at a time: a re-attach replaces a (dead) earlier one
-                self._pump_gen += 1
-                start = offsets or self._replay.resume_point(
-                    {STREAM_NAMES[s]: n for s, n in self._delivered.items()})[0]
-                feed, gen = RingReader(self._replay, start), self._pump_gen
-                self._cond.notify_all()
-            first_stdin = with_stdin and self._stdin_fd is not None and not self._stdin_attached
-            if with_stdin:
-                self._stdin_attached = True
-        threading.Thread(target=self._send_loop, args=(chan, feed, gen), daemon=True,
-                         name=f"ctr-attach-{self.id[:12]}").start()
-        if with_stdin and self._stdin_fd is not None:
-            threading.Thread(target=self._stdin_loop, args=(chan, first_stdin), daemon=True,
-                             name=f"ctr-in-{self.id[:12]}").start()
-
-    def _send_loop(self, chan, feed, gen: int | None) -> None:
-        def gone():
-            t = chan.get_transport()
-            return chan.closed or t is None or not t.is_active() or (gen is not None and gen != self._pump_gen)
-
-        try:
-            while True:
-                with self._lock:
-                    while not feed.items and not self._output_done() and not gone():
-                        self._cond.wait(1.0)
-                    if gone():
-                        return
-                    items = feed.take()
-                    done = self._output_done() and not items
-                    status = self.status
-                    mark = dict(feed.cursor) if gen is not None else None
-                try:
-                    for stream, data in items:
-                        if stream == 1:
-                            chan.sendall(data)
-                        else:
-                            chan.sendall_stderr(data)
-                    if mark is not None:
-                        with self._lock:
-                            self._delivered = mark
-                    if done:
-                        chan.send_exit_status(pid1.exit_code(status))
-                        chan.shutdown_write()
-                        chan.close()
-                        return
-                except Exception:
-                    return  # the host went away mid-send: its next attach names its offsets
-        finally:
-            if gen is None:
-                with self._lock:
-                    if feed in self._live:
-                        self._live.remove(feed)
-
-    def _stdin_loop(self, chan, first: bool) -> None:
-        while True:
-            try:
-                data = chan.recv(32768)
-            except Exception:
-                data = b""
-            if not data:
-                break
-            fd = self._stdin_fd
-            if fd is None:
-                continue  # stdin already closed: discard, but keep reading the channel
-            try:
-                os.write(fd, data)
-            except OSError:
-                break
-        if first and self.stdin_once:
-            if self.tty:
-                fd = self._stdin_fd
-                if fd is not None:
-                    try:
-                        os.write(fd, b"\x04")  # ^D: EOF through the line discipline
-                    except OSError:
-                        pass
-            else:
-                self.close_stdin()
-
-    def close_stdin(self) -> None:
-        with self._lock:
-            fd, self._stdin_fd = self._stdin_fd, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    def _stdin_ended(self, chan, first: bool) -> bool:
+        return first and self.stdin_once  # as containerd: only the first attacher's EOF counts
 
     def signal(self, name: str) -> None:
         sig = getattr(signal, "SIG" + protocol.check_signal(name))
@@ -253,11 +59,6 @@ class ContainerEntry:
                 os.kill(self.pid, sig)
             except ProcessLookupError:
                 pass
-
-    def resize(self, cols: int, rows: int) -> None:
-        fd = self._stdin_fd
-        if self.tty and fd is not None:
-            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
     def oom_killed(self) -> bool:
         """The kernel's own count: the cgroup lives on until `crun delete`."""

@@ -1,22 +1,20 @@
 """Processes started by `run`: they outlive the SSH channel that started them.
 
-Output goes into a bounded buffer (drop-oldest, counted) that one pump thread drains
-into whichever channel is attached; `attach` after a reconnect picks up from there.
+Their output is kept and streamed like a container's (outstream.py); `attach` after a
+reconnect resumes after what the host was sent.
 """
 from __future__ import annotations
 
-import collections
-import errno
 import fcntl
 import os
 import signal
-import struct
 import subprocess
 import termios
 import threading
 
 from . import protocol
-from .pid1 import Reaper, exit_code
+from .outstream import OutputSource
+from .pid1 import Reaper
 
 MAX_FINISHED_KEPT = 256
 
@@ -33,21 +31,13 @@ def spawn(argv, *, env=None, cwd="/", stdin=None, stdout=None, stderr=None, tty_
     return p.pid
 
 
-class Process:
+class Process(OutputSource):
+    """A `run` process: it outlives the channel that started it, and leaves the table once
+    a pump has delivered its exit status."""
+
     def __init__(self, pid_id: str, reaper: Reaper, argv, env, cwd, tty: bool, want_stdin: bool,
                  size: tuple[int, int] | None = None):
-        self.id = pid_id
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._buf: collections.deque[tuple[int, bytes]] = collections.deque()
-        self._buffered = 0
-        self.dropped = 0
-        self.status: int | None = None
-        self._open_streams = 0
-        self._chan = None
-        self._attach_gen = 0
-        self.delivered = False
-        self.tty = tty
+        super().__init__(pid_id, tty)
         full_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
         full_env.update(env)
         if tty:
@@ -60,7 +50,7 @@ class Process:
                 self.pid = spawn(argv, env=full_env, cwd=cwd, tty_fd=slave)
             finally:
                 os.close(slave)
-            self._start_reader(os.dup(master), 1)
+            self.start_reader(os.dup(master), 1)
         else:
             r_in, w_in = os.pipe() if want_stdin else (None, None)
             r_out, w_out = os.pipe()
@@ -79,142 +69,20 @@ class Process:
                     if fd is not None:
                         os.close(fd)
             self._stdin_fd = w_in
-            self._start_reader(r_out, 1)
-            self._start_reader(r_err, 2)
-        reaper.watch(self.pid, self._on_exit)
-
-    # -- output side --------------------------------------------------------
-    def _start_reader(self, fd: int, stream: int) -> None:
-        self._open_streams += 1
-        threading.Thread(target=self._read_loop, args=(fd, stream), daemon=True,
-                         name=f"out-{self.id}-{stream}").start()
-
-    def _read_loop(self, fd: int, stream: int) -> None:
-        try:
-            while True:
-                try:
-                    data = os.read(fd, 65536)
-                except OSError as e:
-                    if e.errno == errno.EINTR:
-                        continue
-                    break  # EIO on a pty master once the last slave fd closes
-                if not data:
-                    break
-                with self._lock:
-                    self._buf.append((stream, data))
-                    self._buffered += len(data)
-                    while self._buffered > protocol.PROCESS_BUFFER_BYTES and self._buf:
-                        _, old = self._buf.popleft()
-                        self._buffered -= len(old)
-                        self.dropped += len(old)
-                    self._cond.notify_all()
-        finally:
-            os.close(fd)
-            with self._lock:
-                self._open_streams -= 1
-                self._cond.notify_all()
-
-    def _on_exit(self, status: int) -> None:
-        with self._lock:
-            self.status = status
-            self._cond.notify_all()
+            self.start_reader(r_out, 1)
+            self.start_reader(r_err, 2)
+        reaper.watch(self.pid, self.on_exit)
 
     @property
-    def finished(self) -> bool:
-        with self._lock:
-            return self.status is not None and self._open_streams == 0 and not self._buf
+    def delivered(self) -> bool:
+        return self.exit_sent
 
-    # -- attach / detach ---------------------------------------------------
-    def attach(self, chan, with_stdin: bool) -> None:
-        with self._lock:
-            self._attach_gen += 1
-            gen = self._attach_gen
-            old, self._chan = self._chan, chan
-            self._cond.notify_all()
-        if old is not None:
-            try:
-                old.close()
-            except Exception:
-                pass
-        threading.Thread(target=self._pump, args=(chan, gen), daemon=True, name=f"pump-{self.id}").start()
-        if with_stdin and self._stdin_fd is not None:
-            threading.Thread(target=self._stdin_loop, args=(chan,), daemon=True, name=f"in-{self.id}").start()
+    def _exit_delivered(self) -> None:
+        self.close_stdin()
 
-    def _pump(self, chan, gen: int) -> None:
-        while True:
-            with self._lock:
-                while (not self._buf and gen == self._attach_gen
-                       and not (self.status is not None and self._open_streams == 0)):
-                    self._cond.wait(5.0)
-                    if chan.closed or not chan.get_transport().is_active():
-                        break
-                if gen != self._attach_gen or chan.closed or not chan.get_transport().is_active():
-                    if self._chan is chan:
-                        self._chan = None
-                    return
-                items = list(self._buf)
-                self._buf.clear()
-                self._buffered = 0
-                done = self.status is not None and self._open_streams == 0
-            sent = 0
-            try:
-                for stream, data in items:
-                    if stream == 1:
-                        chan.sendall(data)
-                    else:
-                        chan.sendall_stderr(data)
-                    sent += 1
-                if not items and done:
-                    chan.send_exit_status(exit_code(self.status))
-                    chan.shutdown_write()
-                    chan.close()
-                    with self._lock:
-                        self.delivered = True
-                        self._chan = None
-                    self.close_stdin()
-                    return
-            except Exception:
-                # host went away mid-send: keep what was not sent for the next attach
-                with self._lock:
-                    for item in reversed(items[sent:]):
-                        self._buf.appendleft(item)
-                        self._buffered += len(item[1])
-                    if self._chan is chan:
-                        self._chan = None
-                return
-
-    def _stdin_loop(self, chan) -> None:
-        while True:
-            try:
-                data = chan.recv(32768)
-            except Exception:
-                return
-            if not data:
-                if chan.eof_received and not chan.closed and self._stdin_fd is not None and not self.tty:
-                    fd, self._stdin_fd = self._stdin_fd, None
-                    os.close(fd)
-                elif chan.eof_received and self.tty and self._stdin_fd is not None:
-                    try:
-                        os.write(self._stdin_fd, b"\x04")  # ^D: EOF for the line discipline
-                    except OSError:
-                        pass
-                return
-            fd = self._stdin_fd
-            if fd is None:
-                continue
-            try:
-                os.write(fd, data)
-            except OSError:
-                return
-
-    def close_stdin(self) -> None:
-        """Release our end of the process's input (pipe or pty master) once it is over."""
-        fd, self._stdin_fd = self._stdin_fd, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    def _stdin_ended(self, chan, first: bool) -> bool:
+        # the host's EOF (not a dropped connection, which a re-attach resumes) ends stdin
+        return chan.eof_received and (self.tty or not chan.closed)
 
     def signal(self, name: str) -> None:
         sig = getattr(signal, "SIG" + protocol.check_signal(name))
@@ -225,10 +93,6 @@ class Process:
                 os.kill(self.pid, sig)
         except ProcessLookupError:
             pass
-
-    def resize(self, cols: int, rows: int) -> None:
-        if self.tty and self._stdin_fd is not None:
-            fcntl.ioctl(self._stdin_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 class ProcessTable:
