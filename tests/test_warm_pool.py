@@ -134,19 +134,56 @@ def check_claimed_pod(d, images, cfg, sid, warm) -> str:
 
 @pytest.mark.vm
 @pytest.mark.registry
-def test_other_shape_boots_cold(env):
+def test_smaller_shape_boots_cold(env):
     d, _ = env
     wait_pool(d)
     before = pool_info(d)["claimed"]
-    cfg = pod_config("cold-big")
-    cfg.linux.resources.memory_limit_in_bytes = 300 * 1024 * 1024  # not the pool's shape
+    cfg = pod_config("cold-small")
+    cfg.linux.resources.memory_limit_in_bytes = 16 * 1024 * 1024  # below the pool's shape
     sid, took = run_pod(d, cfg)
     print(f"cold RunPodSandbox {took:.2f}s")
     try:
         info = sandbox_info(d, sid)
         assert info["source"] == "cold"
-        assert info["vm"]["memoryMiB"] != pool_info(d)["shape"]["memoryMiB"]
+        assert info["vm"]["memoryMiB"] < pool_info(d)["shape"]["memoryMiB"]
         assert pool_info(d)["claimed"] == before
+    finally:
+        remove_pod(d, sid)
+
+
+@pytest.mark.vm
+@pytest.mark.registry
+def test_bigger_pod_grows_a_pool_vm(env):
+    """More vCPUs and memory than the pool's shape: the claim hot-plugs them (resize path)."""
+    d, images = env
+    wait_pool(d)
+    [warm] = pool_domains(d)
+    grown = pool_info(d)["grown"]
+    cfg = pod_config("warm-big", hostname="warm-big")
+    cfg.linux.resources.cpu_period, cfg.linux.resources.cpu_quota = 100000, 200000
+    cfg.linux.resources.memory_limit_in_bytes = 300 * 1024 * 1024  # 396 MiB -> a 256 MiB DIMM
+    sid, took = run_pod(d, cfg)
+    print(f"grown-claim RunPodSandbox {took:.2f}s")
+    try:
+        info = sandbox_info(d, sid)
+        assert info["source"] == "pool" and info["vm"]["domain"] == warm
+        assert (info["vm"]["vcpus"], info["vm"]["memoryMiB"]) == (2, 512)
+        assert info["timings"]["grow"] >= 0
+        assert pool_info(d)["grown"] == grown + 1
+        ctr = pb.ContainerConfig(metadata=pb.ContainerMetadata(name="c"),
+                                 image=pb.ImageSpec(image=images.single.ref),
+                                 command=["/bin/sh", "-c", "exec sleep 100000"], log_path="c.log")
+        cid = d.runtime.CreateContainer(pb.CreateContainerRequest(
+            pod_sandbox_id=sid, config=ctr, sandbox_config=cfg)).container_id
+        d.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+
+        def guest(*cmd):
+            out = d.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=60))
+            assert out.exit_code == 0, out.stderr
+            return out.stdout.decode()
+        assert guest("cat", "/sys/devices/system/cpu/online").strip() == "0-1"
+        mem_kib = int(guest("grep", "MemTotal", "/proc/meminfo").split()[1])
+        assert mem_kib > 400 * 1024, mem_kib  # the boot shape's 256 MiB shows ~205 MiB
     finally:
         remove_pod(d, sid)
 
@@ -199,7 +236,8 @@ def test_measure_claim_vs_cold_vs_raw_floor(env):
         "VMCRI_TEST_GUEST_DIR", "/var/lib/vmcri/guest/current")))
     floor_s = boot_floor.one_run("raw", img, 256, 1)["ping_s"]
     cfg = pod_config("bench-cold")
-    cfg.linux.resources.memory_limit_in_bytes = 300 * 1024 * 1024  # another shape: boots cold
+    # a smaller shape boots cold (a bigger one would be grown from the pool)
+    cfg.linux.resources.memory_limit_in_bytes = 16 * 1024 * 1024
     sid, cold_s = run_pod(d, cfg)
     cold_timings = sandbox_info(d, sid)["timings"]
     assert sandbox_info(d, sid)["source"] == "cold"

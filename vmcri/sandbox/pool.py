@@ -7,6 +7,10 @@ in `pool_vms` is written before any side effect; reconcile adopts READY ones and
 everything else. A claimed VM is never given back: it dies with its pod.
 
 A pool VM has no NIC: the claim hot-plugs one once CNI has made the pod's veth.
+
+A pod that asks for more than the default shape still gets a pool VM when the VM can grow
+to it (vCPU hotplug up to max_vcpus, memory by DIMM up to max_memory_mib): the claim
+resizes it through sandbox_resize before handing it over; if it cannot, the pod boots cold.
 """
 from __future__ import annotations
 
@@ -85,15 +89,46 @@ class WarmPool:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failures = 0
-        self.stats = {"claimed": 0, "booted": 0, "boot_failures": 0, "adopted": 0, "dropped": 0}
+        self.stats = {"claimed": 0, "booted": 0, "boot_failures": 0, "adopted": 0, "dropped": 0,
+                      "grown": 0, "grow_failures": 0}
 
     # -- shape ----------------------------------------------------------------
     def shape(self) -> designer.Sizing:
         return designer.size(self.svc.cfg, pb.LinuxPodSandboxConfig())
 
     def fits(self, sizing: designer.Sizing) -> bool:
+        """A pool VM is this shape, or can be grown to it (never shrunk: a smaller pod
+        boots cold rather than hold memory it did not ask for)."""
         want = self.shape()
-        return (sizing.vcpus, sizing.memory_mib) == (want.vcpus, want.memory_mib)
+        if (sizing.vcpus, sizing.memory_mib) == (want.vcpus, want.memory_mib):
+            return True
+        if sizing.vcpus < want.vcpus or sizing.memory_mib < want.memory_mib:
+            return False
+        if sizing.vcpus > self.svc.cfg.max_vcpus:
+            return False
+        if sizing.memory_mib == want.memory_mib:
+            return True
+        room = designer.max_memory_mib(self.svc.cfg, want.memory_mib)
+        return room >= want.memory_mib + designer.dimm_mib(sizing.memory_mib - want.memory_mib)
+
+    def _grow(self, vm: PoolVM, sizing: designer.Sizing) -> bool:
+        """Resize a claimed VM to `sizing`; False when it did not get there."""
+        from vmcri.sandbox import sandbox_resize
+        t0 = time.monotonic()
+        out = sandbox_resize.apply(
+            self.svc.hv, vm.domain, vm.client,
+            sizing.vcpus if sizing.vcpus != vm.vcpus else None,
+            sizing.memory_mib if sizing.memory_mib != vm.memory_mib else None)
+        if out.vcpus is not None:
+            vm.vcpus = out.vcpus
+        if out.memory_mib is not None:
+            vm.memory_mib = out.memory_mib
+        vm.timings["grow"] = round(time.monotonic() - t0, 4)
+        ok = vm.vcpus >= sizing.vcpus and vm.memory_mib >= sizing.memory_mib
+        if not ok:
+            log.warning("warm pool: growing %s to %s failed (%s); the pod boots cold", vm.domain,
+                        sizing, "; ".join(out.not_applied))
+        return ok
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -191,16 +226,27 @@ class WarmPool:
                     return None
                 vm = self._ready.pop(0)
                 self._cond.notify_all()  # refill
-            if self._alive(vm):
-                self.stats["claimed"] += 1
-                return vm
-            log.warning("warm pool: VM %s is not answering; destroying it", vm.domain)
-            self.stats["dropped"] += 1
-            self.destroy(vm.id, vm.domain, vm.client)
+            if not self._alive(vm):
+                log.warning("warm pool: VM %s is not answering; destroying it", vm.domain)
+                self.stats["dropped"] += 1
+                self.destroy(vm.id, vm.domain, vm.client)
+                continue
+            if (vm.vcpus, vm.memory_mib) != (sizing.vcpus, sizing.memory_mib):
+                if not self._grow(vm, sizing):
+                    self.stats["grow_failures"] += 1
+                    self.destroy(vm.id, vm.domain, vm.client)  # half-grown: not the pool's shape
+                    return None
+                self.stats["grown"] += 1
+            self.stats["claimed"] += 1
+            return vm
 
     def give_back(self, vm: PoolVM) -> None:
         """Only for a VM nothing was done with (the pod's name was taken)."""
         self.stats["claimed"] -= 1
+        want = self.shape()
+        if (vm.vcpus, vm.memory_mib) != (want.vcpus, want.memory_mib):
+            self.destroy(vm.id, vm.domain, vm.client)  # grown for that pod: not the pool's shape
+            return
         with self._cond:
             self._ready.insert(0, vm)
 
@@ -286,6 +332,8 @@ def run_claimed(svc, vm: PoolVM, config: pb.PodSandboxConfig, rec, phase, timing
             dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, render_metadata(meta), "vmcri",
                             METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
             t = phase("claim", t_start)
+            if "grow" in vm.timings:  # resized to fit this pod inside claim()
+                timings["grow"] = vm.timings["grow"]
 
             net = None
             if svc.network is not None and svc.cfg.cni_conf_dir:
@@ -311,7 +359,8 @@ def run_claimed(svc, vm: PoolVM, config: pb.PodSandboxConfig, rec, phase, timing
             log.warning("RunPodSandbox %s (%s/%s) from the warm pool failed; destroying the VM",
                         rec.id[:12], md.namespace, md.name)
             raise
-        timings["total"] = round(time.monotonic() - t_start, 4)
+        # growing happened inside claim(), before t_start: it is part of this pod's start
+        timings["total"] = round(time.monotonic() - t_start + timings.get("grow", 0), 4)
         svc.table.update(rec.id, state=READY, timings=timings,
                          host_key=client.host_key_fingerprint or "")
         svc.set_agent(rec.id, client)

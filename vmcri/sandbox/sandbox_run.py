@@ -90,6 +90,8 @@ def run_pod_sandbox(svc, config: pb.PodSandboxConfig, runtime_handler: str = "")
                    "sizing": sizing.source, "accel": svc.accel.name})
     if warm is not None:
         rec.resources["source"] = "pool"
+        # a grown pool VM may hold a little more memory than asked (whole DIMMs)
+        rec.resources.update(vcpus=warm.vcpus, memory_mib=warm.memory_mib)
     try:
         svc.table.insert(rec)  # the intent, before any side effect
     except sqlite3.IntegrityError:
