@@ -8,9 +8,11 @@ Exactly once, across reconnects and daemon restarts: the agent's ring keeps abso
 byte offsets per stream, and the pump names the offsets it has written when it attaches.
 The pump persists them (`log-offsets.json` in the container's private state dir) right
 after each log write, counting only bytes that reached the file (an unfinished line
-still in the writer is replayed). Remaining window: a daemon killed between a log write
-and the offsets write repeats that one chunk after restart; output older than the ring
-(1 MiB per container) when the host comes back is lost and logged as dropped.
+still in the writer is replayed), together with the log file's inode and size then. A
+daemon killed between a log write and the offsets write left entries the offsets do not
+cover: the next pump cuts the file back to the recorded size before the replay writes
+them again. Output older than the ring (1 MiB per container) when the host comes back is
+lost and logged as dropped.
 """
 from __future__ import annotations
 
@@ -73,16 +75,37 @@ class LogOffsets:
     def __init__(self, path: str):
         self.path = path
         self.received = dict.fromkeys(STREAMS, 0)  # handed to the writer, this daemon's life
-        self.saved = self._load()
+        self.saved, self.saved_file = self._load()
         self.received.update(self.saved)
 
-    def _load(self) -> dict:
+    def _load(self) -> tuple[dict, tuple[int, int] | None]:
         try:
             with open(self.path, "rb") as f:
                 data = json.loads(f.read(4096))
-            return {s: int(data[s]) for s in STREAMS if int(data.get(s, 0)) >= 0}
-        except (OSError, ValueError, TypeError, AttributeError):
-            return dict.fromkeys(STREAMS, 0)
+            offsets = {s: int(data[s]) for s in STREAMS if int(data.get(s, 0)) >= 0}
+            file = data.get("log_file")
+            return offsets, (int(file[0]), int(file[1])) if file else None
+        except (OSError, ValueError, TypeError, AttributeError, IndexError):
+            return dict.fromkeys(STREAMS, 0), None
+
+    def trim_log(self, log_path: str) -> int:
+        """Cut entries written after the last commit (the replay writes them again);
+        returns the bytes cut. A rotated or replaced file is left alone."""
+        if self.saved_file is None:
+            return 0
+        inode, size = self.saved_file
+        try:
+            fd = os.open(log_path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return 0
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != inode or st.st_size <= size:
+                return 0
+            os.ftruncate(fd, size)
+            return st.st_size - size
+        finally:
+            os.close(fd)
 
     def resume_at(self, start: dict | None) -> None:
         """The agent said where its replay starts (later than asked if it dropped some)."""
@@ -91,15 +114,15 @@ class LogOffsets:
                 if start.get(s, 0) != self.received[s]:
                     self.received[s] = int(start.get(s, 0))
 
-    def commit(self, written: dict) -> None:
-        if written == self.saved:
+    def commit(self, written: dict, log_file: tuple[int, int] | None = None) -> None:
+        if written == self.saved and log_file == self.saved_file:
             return
         tmp = self.path + ".tmp"
         try:
             with open(tmp, "w") as f:
-                json.dump(written, f)
+                json.dump({**written, "log_file": log_file}, f)
             os.replace(tmp, self.path)
-            self.saved = dict(written)
+            self.saved, self.saved_file = dict(written), log_file
         except OSError as e:  # container removed under us, or a full disk: logs still flow
             log.debug("log offsets %s: %s", self.path, e)
 
@@ -110,8 +133,13 @@ class LogPump:
     def __init__(self, svc, rec):
         self.svc = svc
         self.rec = rec
-        self.writer = CriLogWriter(rec.log_path) if rec.log_path else None
         self.offsets = LogOffsets(os.path.join(svc.dirs(rec).private, OFFSETS_FILE))
+        if rec.log_path:
+            cut = self.offsets.trim_log(rec.log_path)
+            if cut:
+                log.info("log pump %s: cut %d bytes written after the last offsets commit; "
+                         "they are replayed", rec.id[:12], cut)
+        self.writer = CriLogWriter(rec.log_path) if rec.log_path else None
         self._stop = threading.Event()
         self._attached = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"log-{rec.id[:12]}", daemon=True)
@@ -145,7 +173,8 @@ class LogPump:
         off.received[stream] += len(data)
         if self.writer is not None:
             self.writer.write(stream, data)
-            off.commit({s: off.received[s] - self.writer.pending_bytes(s) for s in STREAMS})
+            off.commit({s: off.received[s] - self.writer.pending_bytes(s) for s in STREAMS},
+                       self.writer.position())
         else:
             off.commit(dict(off.received))
 
@@ -174,8 +203,9 @@ class LogPump:
                 break
             self._stop.wait(self.RETRY_S)  # connection lost: re-attach
         if self.writer is not None:
-            self.writer.close()  # an unfinished line goes out as a P entry: count it as written
-            self.offsets.commit(dict(self.offsets.received))
+            self.writer.flush_partial()  # an unfinished line goes out as a P entry: count it as written
+            self.offsets.commit(dict(self.offsets.received), self.writer.position())
+            self.writer.close()
         if status is not None:
             from vmcri.container.container_stop import mark_exited
             reason = "OOMKilled" if status != 0 and self._oom_killed() else ""

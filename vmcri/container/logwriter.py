@@ -108,6 +108,14 @@ class CriLogWriter:
                 buf.clear()
                 i += 1
 
+    def position(self) -> tuple[int, int] | None:
+        """(inode, size) of the file written to; None once closed."""
+        with self._lock:
+            if self._fd is None:
+                return None
+            st = os.fstat(self._fd)
+            return st.st_ino, st.st_size
+
     def pending_bytes(self, stream: str) -> int:
         """Bytes of `stream` taken in but not yet in the file (an unfinished line)."""
         with self._lock:
