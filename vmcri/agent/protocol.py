@@ -1,7 +1,8 @@
 """Agent protocol: the one definition both the guest agent and the host client import.
 
 Transport: one SSH connection (host = client, agent = server, auth "none") over the
-virtio-serial port named PORT_NAME.
+virtio-serial port named PORT_NAME, started by the session sync of sync.py (the host's
+HELLO, echoed by the agent) so that nothing of an earlier connection leaks into it.
 
 Every call is one SSH session channel:
   1. the host sends an `exec` request whose command string is `<method> <json-object>`
