@@ -107,6 +107,9 @@ def markdown(res: dict) -> str:
                      f"{_mib(r['host_used_kib']):.0f} | {_f(_mib(r['daemon'].get('VmRSS')), '{:.0f}')} | "
                      f"{'; '.join(r['errors'])[:120]} |")
         L.append("")
+    if res.get("p2"):
+        from bench import pool
+        L += pool.markdown(res["p2"])
     if res.get("p7"):
         p = res["p7"]
         L += ["## P7 image pull (local registry)", "",
