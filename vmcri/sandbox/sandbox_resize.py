@@ -4,8 +4,10 @@ vCPUs are hot-plugged through libvirt (ACPI CPU hotplug, up to the VM's max) and
 onlined by the guest: its kernel adds them offline and there is no udev, so the host
 asks the agent to write cpuN/online. Memory grows by DIMM hotplug; the kernel onlines
 the DIMM itself (designer.MEMORY_HOTPLUG_CMDLINE). Lowering vCPUs offlines them in the
-guest but leaves them plugged: ACPI vCPU unplug crashed QEMU 7.2 under TCG (heap
-corruption at the next monitor command). Memory shrinks only by unplugging DIMMs that
+guest but leaves them plugged: under TCG (QEMU 7.2, libvirt 9.0) ACPI vCPU unplug timed
+out in libvirt while the guest did drop the CPU, so libvirt kept counting it (a later
+replug to that count was a no-op), and the next hotplug (a DIMM) crashed qemu with heap
+corruption, 2 times out of 2. Memory shrinks only by unplugging DIMMs that
 were hot-added; boot memory cannot go (there is no balloon).
 
 What cannot be applied is logged and recorded in the sandbox row under resources.resize
@@ -190,7 +192,7 @@ def apply_vcpus(hv, domain: str, client, want: int, out: Outcome,
                  time.monotonic() - t0)
     elif want < shape.vcpus and (online_before is None or want < online_before):
         out.note(f"vcpus: lowered to {want} by offlining in the guest; {shape.vcpus} stay "
-                 f"plugged (ACPI vCPU unplug crashes QEMU 7.2 under TCG)")
+                 f"plugged (ACPI vCPU unplug is unsafe here: docs/operating.md section 6)")
     out.plugged = max(want, shape.vcpus)
     t0 = time.monotonic()
     try:
