@@ -138,6 +138,9 @@ def test_the_new_shape_survives_a_daemon_restart(env):
     got = info(d, sid)["vm"]
     assert (got["vcpus"], got["memoryMiB"]) == (want["vcpus"], want["memoryMiB"]) == (2, 1024)
     assert online_cpus(d, cid) == "0-1"
+    hp = info(d, sid)["hotplug"]  # libvirt's view: what is plugged and how far it can go
+    assert (hp["vcpusPlugged"], hp["maxVcpus"]) == (3, 3)
+    assert (hp["memoryMiB"], hp["maxMemoryMiB"], hp["dimms"]) == (1024, 1024, 1)
 
 
 def test_unknown_id_is_not_found(env):

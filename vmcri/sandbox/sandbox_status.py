@@ -41,6 +41,7 @@ def verbose_info(svc, rec: SandboxRecord) -> dict[str, str]:
                "sizing": rec.resources.get("sizing"), "qemuPid": svc.hv.pid(rec.domain),
                "running": svc.hv.is_running(rec.domain)},
         "vmCost": svc.hv.cost(rec.domain),
+        "hotplug": _hotplug(svc, rec),
         "consoleLog": paths.console_log,
         "shareDir": paths.share_dir,
         "agentSocket": paths.agent_socket,
@@ -54,6 +55,19 @@ def verbose_info(svc, rec: SandboxRecord) -> dict[str, str]:
         "config": json.loads(_config_json(rec)),
     }
     return {"info": json.dumps(info, sort_keys=True)}
+
+
+def _hotplug(svc, rec: SandboxRecord) -> dict:
+    """How far the running VM can be resized (UpdatePodSandboxResources), from libvirt."""
+    import libvirt
+    try:
+        shape = svc.hv.live_shape(rec.domain)
+    except (libvirt.libvirtError, ValueError, AttributeError):
+        return {}
+    return {"vcpusPlugged": shape.vcpus, "maxVcpus": shape.max_vcpus,
+            "memoryMiB": shape.memory_mib, "bootMemoryMiB": shape.boot_memory_mib,
+            "maxMemoryMiB": shape.max_memory_mib, "dimms": len(shape.dimms),
+            "dimmSlots": shape.slots}
 
 
 def _config_json(rec: SandboxRecord) -> str:
