@@ -143,6 +143,16 @@ def test_the_new_shape_survives_a_daemon_restart(env):
     assert (hp["memoryMiB"], hp["maxMemoryMiB"], hp["dimms"]) == (1024, 1024, 1)
 
 
+def test_no_limits_is_a_quiet_no_op(env):
+    d, sid, _ = env
+    before = info(d, sid)["vm"]
+    d.runtime.UpdatePodSandboxResources(pb.UpdatePodSandboxResourcesRequest(
+        pod_sandbox_id=sid, resources=pb.LinuxContainerResources(cpu_period=100000, cpu_quota=-1)))
+    i = info(d, sid)
+    assert i["resize"]["state"] == "nothing to do" and i["resize"]["notApplied"] == []
+    assert (i["vm"]["vcpus"], i["vm"]["memoryMiB"]) == (before["vcpus"], before["memoryMiB"])
+
+
 def test_unknown_id_is_not_found(env):
     d, _, _ = env
     with pytest.raises(grpc.RpcError) as e:

@@ -25,7 +25,7 @@ import libvirt
 from cri_api.v1 import api_pb2 as pb
 
 from vmcri.config import Config
-from vmcri.errors import InvalidArgument
+from vmcri.errors import InvalidArgument, NotFound
 from vmcri.sandbox import designer
 from vmcri.sandbox.domain import render_dimm
 from vmcri.sandbox.model import READY, now_ns
@@ -257,13 +257,12 @@ def update_pod_sandbox_resources(svc, sandbox_id: str, overhead: pb.LinuxContain
     with svc.lock(rec.id):
         rec = svc.table.get(rec.id)
         if rec is None:  # removed while we waited for the lock
-            from vmcri.errors import NotFound
             raise NotFound(f"pod sandbox {sandbox_id!r} not found")
         resize = {"requested": requested, "at": now_ns(), "notApplied": list(tgt.notes)}
         resources_row = dict(rec.resources)
         if tgt.vcpus is None and tgt.memory_mib is None:
-            resize.update(state="done", applied={}, notApplied=["nothing to change: no CPU "
-                                                                 "quota or memory limit given"])
+            # a pod without limits (BestEffort): routine, nothing to do, nothing to report
+            resize.update(state="nothing to do", applied={})
         elif rec.state != READY or not svc.hv.is_running(rec.domain):
             resize.update(state="not applied", applied={})
             resize["notApplied"].append(f"the sandbox is {rec.state}, its VM not running")
