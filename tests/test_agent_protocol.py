@@ -26,6 +26,7 @@ def test_every_method_round_trips_through_the_command_string():
         "container_stats": {"id": "c1"}, "sandbox_stats": {},
         "set_sysctls": {"sysctls": {"net.ipv4.ip_forward": "1"}},
         "container_update": {"id": "c1", "resources": {"memory": {"limit": 1048576}}},
+        "set_cpus_online": {"count": 2, "wait_ms": 100},
     }
     assert set(samples) == set(protocol.METHODS)
     for method, params in samples.items():

@@ -132,7 +132,8 @@ def dev_main(path: str) -> None:
     agent.late_modules_done.set()
     agent.procs = procs.ProcessTable(agent.reaper)
     agent.handlers = {k: v for k, v in load_handlers().items()
-                      if k not in ("set_hostname", "configure_nic", "write_etc", "set_sysctls")}
+                      if k not in ("set_hostname", "configure_nic", "write_etc", "set_sysctls",
+                                   "set_cpus_online")}
     agent.handlers["shutdown"] = lambda agent, params: (threading.Timer(0.2, os._exit, (0,)).start(),
                                                         {"powering_off": True})[1]
     server.serve_unix(agent, path)

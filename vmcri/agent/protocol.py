@@ -266,6 +266,16 @@ def _set_sysctls(p):
     return {"sysctls": out}
 
 
+MAX_GUEST_CPUS = 256
+
+
+def _set_cpus_online(p):
+    """Kata's OnlineCPUMem for vCPU hotplug: cpu0..count-1 online, the rest offline, after
+    waiting up to wait_ms for hot-added CPUs to appear."""
+    return {"count": _int("count", p.get("count"), 1, MAX_GUEST_CPUS),
+            "wait_ms": _int("wait_ms", p.get("wait_ms", 5000), 0, 30_000)}
+
+
 _RESOURCE_KEYS = {
     "cpu": {"shares", "quota", "period", "cpus", "mems"},
     "memory": {"limit", "swap"},
@@ -316,6 +326,7 @@ METHODS = {
     "sandbox_stats": _no_params,
     "set_sysctls": _set_sysctls,
     "container_update": _container_update,
+    "set_cpus_online": _set_cpus_online,
 }
 
 

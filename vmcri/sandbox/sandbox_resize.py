@@ -39,20 +39,6 @@ MAX_CPU_PERIOD_US = 1_000_000  # CFS: 1 ms .. 1 s
 MIN_CPU_PERIOD_US = 1_000
 MIN_CPU_QUOTA_US = 1_000
 
-# Run by the guest's busybox sh as `sh -c SCRIPT sh TARGET WAIT_TENTHS`: wait until TARGET
-# CPUs are present, then online cpu0..TARGET-1 and offline the rest; print the online list.
-_CPU_SCRIPT = r'''
-t=$1; w=$2; i=0; c=/sys/devices/system/cpu
-while [ "$(ls -d $c/cpu[0-9]* | wc -l)" -lt "$t" ] && [ "$i" -lt "$w" ]; do sleep 0.1; i=$((i+1)); done
-for d in $c/cpu[0-9]*; do
-  n=${d##*/cpu}; [ -f "$d/online" ] || continue
-  if [ "$n" -lt "$t" ]; then v=1; else v=0; fi
-  [ "$(cat "$d/online")" = "$v" ] || echo "$v" > "$d/online" || echo "cpu$n: could not set online=$v" >&2
-done
-cat $c/online
-'''
-
-
 @dataclass(frozen=True)
 class Target:
     """What a resize asks for; None for a dimension the request leaves alone."""
@@ -165,14 +151,14 @@ def parse_cpu_list(text: str, limit: int = 4096) -> int:
 
 def online_cpus(client, count: int, wait_s: float = CPU_APPEAR_WAIT_S) -> int:
     """Make exactly cpu0..count-1 online in the guest; returns how many are online."""
-    code, out, err = client.run(["/bin/sh", "-c", _CPU_SCRIPT, "sh", str(count),
-                                 str(int(wait_s * 10))], timeout=GUEST_CALL_TIMEOUT_S,
-                                max_output=4096)
-    lines = out.decode("ascii", "replace").strip().splitlines()
-    if code != 0 or not lines:
-        raise RuntimeError(f"onlining CPUs in the guest failed (exit {code}): "
-                           f"{err.decode('utf-8', 'replace')[:300]}")
-    return parse_cpu_list(lines[-1][:200])
+    res = client.call("set_cpus_online", count=count, wait_ms=int(wait_s * 1000),
+                      timeout=GUEST_CALL_TIMEOUT_S)
+    online = res.get("online")
+    if not isinstance(online, str):
+        raise RuntimeError(f"set_cpus_online: the guest answered no online list: {str(res)[:200]}")
+    for err in (res.get("errors") or [])[:8]:
+        log.warning("guest: %s", str(err)[:200])
+    return parse_cpu_list(online[:200])
 
 
 def apply_vcpus(hv, domain: str, client, want: int, out: Outcome,
