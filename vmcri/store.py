@@ -51,6 +51,16 @@ class Store:
         with self._lock:
             return self._conn.execute(sql, params).fetchone()
 
+    def row_by_id(self, table: str, ident: str) -> sqlite3.Row | None:
+        """The row whose id is `ident`, else the only row whose id starts with it (crictl's
+        short ids); None when there is none or the prefix is ambiguous."""
+        row = self.query_one(f"SELECT * FROM {table} WHERE id = ?", (ident,))
+        if row is not None:
+            return row
+        escaped = ident.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self.query(f"SELECT * FROM {table} WHERE id LIKE ? || '%' ESCAPE '\\' LIMIT 2", (escaped,))
+        return rows[0] if len(rows) == 1 else None
+
     def execute(self, sql: str, params: tuple | dict = ()) -> int:
         """Run one statement in its own transaction; returns the changed row count."""
         with self.tx() as conn:

@@ -89,11 +89,10 @@ class ContainerTable:
         row = self.store.query_one("SELECT * FROM containers WHERE id = ?", (container_id,))
         return ContainerRecord.from_row(row) if row else None
 
-    def find_prefix(self, prefix: str) -> list[ContainerRecord]:
-        esc = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        rows = self.store.query("SELECT * FROM containers WHERE id LIKE ? || '%' ESCAPE '\\' LIMIT 2",
-                                (esc,))
-        return [ContainerRecord.from_row(r) for r in rows]
+    def lookup(self, ident: str) -> ContainerRecord | None:
+        """Exact id, or a unique id prefix as crictl allows."""
+        row = self.store.row_by_id("containers", ident)
+        return ContainerRecord.from_row(row) if row else None
 
     def for_sandbox(self, sandbox_id: str) -> list[ContainerRecord]:
         return [ContainerRecord.from_row(r) for r in self.store.query(

@@ -29,11 +29,8 @@ class ContainerService:
     def get(self, container_id: str) -> ContainerRecord:
         if not container_id:
             raise InvalidArgument("container_id: must not be empty")
-        rec = self.table.get(container_id)
+        rec = self.table.lookup(container_id)
         if rec is None:
-            found = self.table.find_prefix(container_id)
-            if len(found) == 1:
-                return found[0]
             raise NotFound(f"container {container_id!r} not found")
         return rec
 

@@ -100,11 +100,10 @@ class SandboxTable:
         row = self.store.query_one("SELECT * FROM sandboxes WHERE id = ?", (sandbox_id,))
         return SandboxRecord.from_row(row) if row else None
 
-    def find_prefix(self, prefix: str) -> list[SandboxRecord]:
+    def lookup(self, ident: str) -> SandboxRecord | None:
         """Exact id, or a unique id prefix as crictl allows."""
-        rows = self.store.query("SELECT * FROM sandboxes WHERE id LIKE ? || '%' ESCAPE '\\' LIMIT 2",
-                                (prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_"),))
-        return [SandboxRecord.from_row(r) for r in rows]
+        row = self.store.row_by_id("sandboxes", ident)
+        return SandboxRecord.from_row(row) if row else None
 
     def all(self) -> list[SandboxRecord]:
         return [SandboxRecord.from_row(r)

@@ -54,11 +54,8 @@ class SandboxService:
     def get(self, sandbox_id: str) -> SandboxRecord:
         if not sandbox_id:
             raise InvalidArgument("pod_sandbox_id: must not be empty")
-        rec = self.table.get(sandbox_id)
+        rec = self.table.lookup(sandbox_id)
         if rec is None:
-            found = self.table.find_prefix(sandbox_id)
-            if len(found) == 1:
-                return found[0]
             raise NotFound(f"pod sandbox {sandbox_id!r} not found")
         return rec
 
