@@ -167,8 +167,9 @@ class ProcessStream:
 
 class AgentClient:
     def __init__(self, socket_path: str, connect_timeout: float = 10.0, call_timeout: float = 30.0,
-                 max_output: int = DEFAULT_MAX_OUTPUT, name: str = ""):
+                 max_output: int = DEFAULT_MAX_OUTPUT, name: str = "", on_call=None):
         self.socket_path = socket_path
+        self.on_call = on_call  # fn(method, seconds) after each answered control call
         self.connect_timeout = connect_timeout
         self.call_timeout = call_timeout
         self.max_output = max_output
@@ -343,13 +344,16 @@ class AgentClient:
         if method in protocol.STREAMING:
             raise ValueError(f"method: {method} is a streaming call; use run/open_process/attach")
         command = protocol.encode_request(method, params)
-        deadline = time.monotonic() + (timeout if timeout is not None else self.call_timeout)
+        started = time.monotonic()
+        deadline = started + (timeout if timeout is not None else self.call_timeout)
         chan = self._open(command, deadline)
         try:
             result, _ = self._read_head(chan, deadline)
-            return result
         finally:
             chan.close()
+        if self.on_call is not None:
+            self.on_call(method, time.monotonic() - started)
+        return result
 
     def open_process(self, argv: list[str], env: dict | None = None, cwd: str = "/", tty: bool = False,
                      stdin: bool = False, id: str | None = None, size: tuple[int, int] = (80, 24),

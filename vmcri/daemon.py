@@ -52,6 +52,7 @@ class Runtime:
         from vmcri.sandbox.pool import WarmPool
         self.pool = self.sandboxes.pool = WarmPool(self.sandboxes, self.cfg.pool_size,
                                                    self.cfg.pool_max_concurrent_boots)
+        self.metrics.track_pool(self.pool.snapshot)
 
         from vmcri.container.service import ContainerService
         self.containers = ContainerService(self.cfg, self.store, self.sandboxes, self.images,

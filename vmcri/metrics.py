@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 12, 16, 24, 32, 60, 120)
 
@@ -29,6 +30,9 @@ class Metrics:
     def observe_sandbox_phase(self, phase: str, seconds: float) -> None:
         self.sandbox_phase.labels(phase).observe(seconds)
 
+    def observe_agent_call(self, method: str, seconds: float) -> None:
+        self.agent_rtt.labels(method).observe(seconds)
+
     def observe_container_start(self, seconds: float) -> None:
         self.container_start.observe(seconds)
 
@@ -44,5 +48,40 @@ class Metrics:
         for state in ("READY", "NOTREADY", "CREATING"):
             self.sandboxes.labels(state).set_function(count(state))
 
+    def track_pool(self, snapshot) -> None:
+        """Warm-pool gauges and counters, read from `snapshot()` (WarmPool.snapshot) at scrape time."""
+        self.registry.register(_PoolCollector(snapshot))
+
     def serve(self, address: str, port: int):
         return start_http_server(port, addr=address, registry=self.registry)
+
+
+class _PoolCollector:
+    COUNTERS = {"claimed": "pool VMs handed to a RunPodSandbox",
+                "empty": "RunPodSandbox calls that found the pool empty and booted cold",
+                "unfit": "RunPodSandbox calls whose shape the pool cannot serve (booted cold)",
+                "booted": "pool VMs booted", "boot_failures": "pool VM boots that failed",
+                "adopted": "pool VMs adopted at daemon start",
+                "dropped": "pool VMs found dead at claim time and destroyed",
+                "grown": "claimed pool VMs grown to a bigger pod",
+                "grow_failures": "claimed pool VMs that could not be grown"}
+
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+    def describe(self):
+        return []  # collected at scrape time only
+
+    def collect(self):
+        snap = self.snapshot()
+        vms = GaugeMetricFamily("vmcri_pool_vms", "Warm-pool VMs by state", labels=["state"])
+        vms.add_metric(["ready"], snap.get("ready", 0))
+        vms.add_metric(["booting"], snap.get("booting", 0))
+        yield vms
+        yield GaugeMetricFamily("vmcri_pool_size", "Configured warm-pool size (pool_size)",
+                                value=snap.get("size", 0))
+        events = CounterMetricFamily("vmcri_pool_events", "Warm-pool events since daemon start",
+                                     labels=["event"])
+        for key in self.COUNTERS:
+            events.add_metric([key], snap.get(key, 0))
+        yield events

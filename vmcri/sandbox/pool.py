@@ -89,8 +89,9 @@ class WarmPool:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failures = 0
+        # misses: "empty" (none ready), "unfit" (a shape the pool cannot serve)
         self.stats = {"claimed": 0, "booted": 0, "boot_failures": 0, "adopted": 0, "dropped": 0,
-                      "grown": 0, "grow_failures": 0}
+                      "grown": 0, "grow_failures": 0, "empty": 0, "unfit": 0}
 
     # -- shape ----------------------------------------------------------------
     def shape(self) -> designer.Sizing:
@@ -182,7 +183,6 @@ class WarmPool:
         log.info("warm pool: VM %s ready in %.2fs", vm.domain, vm.timings.get("total", 0))
 
     def _boot(self) -> PoolVM:
-        from vmcri.channel import AgentClient
         from vmcri.sandbox.sandbox_run import _guest_image
         svc, cfg = self.svc, self.svc.cfg
         guest = _guest_image(svc)
@@ -203,7 +203,7 @@ class WarmPool:
                                    accel=svc.accel, guest=guest, paths=paths, role="pool")
             svc.hv.create(render_domain(spec))
             undo.callback(svc.hv.destroy, vm.domain)
-            client = AgentClient(paths.agent_socket, call_timeout=cfg.agent_timeout_s)
+            client = svc.new_client(vm.id)
             undo.callback(client.close)
             client.wait_ready(timeout=cfg.agent_timeout_s)
             vm.client, vm.host_key = client, client.host_key_fingerprint or ""
@@ -218,11 +218,15 @@ class WarmPool:
     # -- claim ----------------------------------------------------------------
     def claim(self, sizing: designer.Sizing) -> PoolVM | None:
         """A live pool VM of this shape, taken out of the pool; None when there is none."""
-        if self.size == 0 or not self.fits(sizing):
+        if self.size == 0:
+            return None
+        if not self.fits(sizing):
+            self.stats["unfit"] += 1
             return None
         while True:
             with self._cond:
                 if not self._ready:
+                    self.stats["empty"] += 1
                     return None
                 vm = self._ready.pop(0)
                 self._cond.notify_all()  # refill
@@ -251,13 +255,11 @@ class WarmPool:
             self._ready.insert(0, vm)
 
     def _alive(self, vm: PoolVM) -> bool:
-        from vmcri.channel import AgentClient, AgentError
+        from vmcri.channel import AgentError
         if not self.svc.hv.is_running(vm.domain):
             return False
         if vm.client is None:
-            vm.client = AgentClient(self.svc.paths(vm.id).agent_socket,
-                                    call_timeout=self.svc.cfg.agent_timeout_s)
-            vm.client.host_key_fingerprint = vm.host_key or None  # same VM we booted, or none
+            vm.client = self.svc.new_client(vm.id, vm.host_key)  # same VM we booted, or none
         try:
             vm.client.call("ping", timeout=CLAIM_PING_S)
             return True

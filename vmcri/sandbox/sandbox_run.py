@@ -145,8 +145,7 @@ def run_pod_sandbox(svc, config: pb.PodSandboxConfig, runtime_handler: str = "")
                 t = phase("tap", t)
 
             # 4. the agent
-            from vmcri.channel import AgentClient
-            client = AgentClient(paths.agent_socket, call_timeout=svc.cfg.agent_timeout_s)
+            client = svc.new_client(sandbox_id)
             undo.callback(client.close)
             try:
                 client.wait_ready(timeout=svc.cfg.agent_timeout_s)

@@ -72,16 +72,21 @@ class SandboxService:
     def agent(self, rec: SandboxRecord):
         """The persistent agent connection of a running sandbox (made on first use,
         e.g. after a daemon restart)."""
-        from vmcri.channel import AgentClient
         with self._agents_lock:
             client = self._agents.get(rec.id)
             if client is None:
-                client = AgentClient(self.paths(rec.id).agent_socket,
-                                     call_timeout=self.cfg.agent_timeout_s)
                 # a VM whose key changed behind our back is not the VM we booted
-                client.host_key_fingerprint = rec.host_key or None
+                client = self.new_client(rec.id, rec.host_key)
                 self._agents[rec.id] = client
             return client
+
+    def new_client(self, vm_id: str, host_key: str = ""):
+        """An agent client for a VM of ours (pod or pool), timed into the metrics."""
+        from vmcri.channel import AgentClient
+        client = AgentClient(self.paths(vm_id).agent_socket, call_timeout=self.cfg.agent_timeout_s,
+                             on_call=self.metrics.observe_agent_call if self.metrics else None)
+        client.host_key_fingerprint = host_key or None
+        return client
 
     def set_agent(self, sandbox_id: str, client) -> None:
         with self._agents_lock:
