@@ -134,6 +134,50 @@ def check_claimed_pod(d, images, cfg, sid, warm) -> str:
 
 @pytest.mark.vm
 @pytest.mark.registry
+def test_two_claimed_pods_cannot_see_each_others_files_or_processes(env):
+    d, images = env
+    pods = []
+    try:
+        for name in ("iso-a", "iso-b"):
+            wait_pool(d)
+            cfg = pod_config(name, hostname=name)
+            sid, _ = run_pod(d, cfg)
+            assert sandbox_info(d, sid)["source"] == "pool"
+            ctr = pb.ContainerConfig(
+                metadata=pb.ContainerMetadata(name="c"), image=pb.ImageSpec(image=images.single.ref),
+                command=["/bin/sh", "-c", f"echo secret-of-{name} > /dev/shm/{name}; exec sleep 4{len(pods)}4242"],
+                log_path="c.log")
+            cid = d.runtime.CreateContainer(pb.CreateContainerRequest(
+                pod_sandbox_id=sid, config=ctr, sandbox_config=cfg)).container_id
+            d.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+            pods.append((name, sid, cid))
+
+        def sh(cid, script):
+            r = d.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["/bin/sh", "-c", script],
+                                                      timeout=60))
+            assert r.exit_code == 0, r
+            return r.stdout.decode()
+        (a, sid_a, cid_a), (b, sid_b, cid_b) = pods
+        # each sees its own files and process, never the other pod's
+        for me, cid, other, n in ((a, cid_a, b, 0), (b, cid_b, a, 1)):
+            seen = sh(cid, f"for i in $(seq 100); do [ -f /dev/shm/{me} ] && break; sleep 0.2; done; "
+                           f"ls /dev/shm; ps -o args; cat /dev/shm/{me}")
+            assert f"secret-of-{me}" in seen and me in seen
+            assert other not in seen and f"4{1 - n}4242" not in seen, seen
+        # two guests, two kernels: not two containers side by side on one
+        boot_ids = {sh(c, "cat /proc/sys/kernel/random/boot_id").strip() for _, _, c in pods}
+        assert len(boot_ids) == 2
+        infos = [sandbox_info(d, s) for _, s, _ in pods]
+        assert infos[0]["vm"]["domain"] != infos[1]["vm"]["domain"]
+        assert infos[0]["shareDir"] != infos[1]["shareDir"]
+        assert not [f for f in os.listdir(infos[1]["shareDir"]) if cid_a in f]
+    finally:
+        for _, sid, _ in pods:
+            remove_pod(d, sid)
+
+
+@pytest.mark.vm
+@pytest.mark.registry
 def test_smaller_shape_boots_cold(env):
     d, _ = env
     wait_pool(d)
