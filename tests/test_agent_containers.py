@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from tests.test_channel import dev_agent  # noqa: F401  (fixture)
 from tests.test_ocispec import container, sandbox
 from vmcri.agent import protocol
 from vmcri.agent.protocol import ProtocolError
@@ -71,7 +70,7 @@ def _raw_call(client: AgentClient, command: str):
         chan.close()
 
 
-def test_agent_refuses_hostile_params_itself(dev_agent):  # noqa: F811
+def test_agent_refuses_hostile_params_itself(dev_agent):
     c = AgentClient(dev_agent)
     try:
         with pytest.raises(AgentError) as e:

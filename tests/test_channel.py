@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -237,22 +235,7 @@ def test_client_side_validation_names_the_field(sock_path):
     assert str(e.value).startswith("hostname:")
 
 
-# -- the real agent code, on the host --------------------------------------------------
-
-@pytest.fixture
-def dev_agent(tmp_path):
-    path = str(tmp_path / "dev-agent.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "vmcri.agent", "--listen-unix", path],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(path) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        yield path
-    finally:
-        proc.kill()
-        proc.wait()
-
+# -- the real agent code, on the host (fixture dev_agent: tests/support/fx_agent.py) ------
 
 def test_dev_agent_run_attach_and_timeouts(dev_agent):
     c = AgentClient(dev_agent, call_timeout=20)

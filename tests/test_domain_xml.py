@@ -11,7 +11,7 @@ from cri_api.v1 import api_pb2 as pb
 from vmcri.config import Config
 from vmcri.sandbox import designer
 from vmcri.sandbox.accel import AccelChoice, choose
-from vmcri.sandbox.domain import DomainSpec, NicSpec, SandboxMeta, parse_metadata, render_domain
+from vmcri.sandbox.domain import DomainSpec, SandboxMeta, parse_metadata, render_domain
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 SID = "0123456789abcdef" * 4

@@ -4,7 +4,6 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.test_channel import dev_agent  # noqa: F401  (fixture)
 from vmcri.channel import AgentClient
 from vmcri.metrics import Metrics
 

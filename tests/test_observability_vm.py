@@ -12,6 +12,7 @@ from cri_api.v1 import api_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.fx_cni import NodeNetwork
+from tests.support.pods import start_container, wait_for
 from tests.test_sandbox_vm import pod_config
 
 pytestmark = [pytest.mark.vm, pytest.mark.registry]
@@ -47,11 +48,8 @@ def obs(daemon_factory, test_images, tmp_path_factory):
     node.remove()
 
 
-def make_container(o, name: str, command: list[str]) -> str:
-    return o["d"].runtime.CreateContainer(pb.CreateContainerRequest(
-        pod_sandbox_id=o["sid"], sandbox_config=o["cfg"], config=pb.ContainerConfig(
-            metadata=pb.ContainerMetadata(name=name), image=pb.ImageSpec(image=o["image"]),
-            command=command, log_path=f"{name}.log"))).container_id
+def make_container(o, name: str, command) -> str:
+    return start_container(o["d"], o["sid"], o["cfg"], o["image"], name, command)
 
 
 def container_stats(o, cid) -> pb.ContainerStats:
@@ -59,13 +57,7 @@ def container_stats(o, cid) -> pb.ContainerStats:
 
 
 def wait_until(fn, what: str):
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(fn, what, timeout=WAIT_S, every=1)
 
 
 def test_cpu_and_memory_rise_while_a_container_burns_and_allocates(obs):
@@ -74,7 +66,6 @@ def test_cpu_and_memory_rise_while_a_container_burns_and_allocates(obs):
     cid = make_container(obs, "burner", ["/bin/sh", "-c",
                                          f"dd if=/dev/zero of=/dev/shm/fill bs=1M count={FILL_MIB} 2>/dev/null; "
                                          "while :; do :; done"])
-    d.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
     first = wait_until(lambda: (s := container_stats(obs, cid)).HasField("cpu") and s, "first stats")
     time.sleep(5)
     grown = wait_until(lambda: (s := container_stats(obs, cid)).memory.working_set_bytes.value
@@ -103,7 +94,6 @@ def test_cpu_and_memory_rise_while_a_container_burns_and_allocates(obs):
 def test_network_counters_move_with_traffic(obs):
     d = obs["d"]
     cid = make_container(obs, "talker", ["sleep", "100000"])
-    d.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
 
     def tx():
         st = d.runtime.PodSandboxStats(pb.PodSandboxStatsRequest(pod_sandbox_id=obs["sid"])).stats
@@ -143,8 +133,7 @@ def test_event_stream_delivers_a_lifecycle_in_order(obs):
             pass
     threading.Thread(target=read, daemon=True).start()
     time.sleep(1)  # the subscription is in place before the first event
-    cid = make_container(obs, "evented", ["sleep", "100000"])
-    d.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+    cid = make_container(obs, "evented", ["sleep", "100000"])  # create + start
     d.runtime.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=2))
     d.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
     seen = []

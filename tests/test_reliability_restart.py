@@ -15,6 +15,7 @@ import time
 import pytest
 from cri_api.v1 import api_pb2 as pb
 
+from tests.support.pods import wait_for
 from tests.test_container_vm import LOG_LINE
 from tests.test_sandbox_vm import pod_config
 
@@ -46,14 +47,6 @@ def sequence_in(path: str) -> list[int]:
     return out
 
 
-def wait_for(predicate, what: str, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_sigkill_restart_loses_and_repeats_no_log_line(daemon_factory, test_images, tmp_path):

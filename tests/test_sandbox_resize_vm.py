@@ -9,7 +9,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2 as pb
 
-from tests.support.pods import pod_env
+from tests.support.pods import pod_env, start_container
 
 pytestmark = [pytest.mark.vm, pytest.mark.registry]
 MIB = 1 << 20
@@ -20,12 +20,7 @@ BOOT_MIB = 256  # the pod config below has no limits: the default shape
 def env(daemon_factory, test_images, tmp_path_factory):
     gen = pod_env(_capped(daemon_factory), test_images, tmp_path_factory, "resize")
     d, sid, cfg, imgs = next(gen)
-    ctr = pb.ContainerConfig(metadata=pb.ContainerMetadata(name="probe"),
-                             image=pb.ImageSpec(image=imgs.multi.ref),
-                             command=["/bin/sh", "-c", "exec sleep 100000"], log_path="probe.log")
-    cid = d.runtime.CreateContainer(pb.CreateContainerRequest(
-        pod_sandbox_id=sid, config=ctr, sandbox_config=cfg)).container_id
-    d.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+    cid = start_container(d, sid, cfg, imgs.multi.ref, "probe")
     yield d, sid, cid
     next(gen, None)
 

@@ -8,6 +8,7 @@ import pytest
 from cri_api.v1 import api_pb2 as pb
 
 from tests.support.fx_daemon import write_config
+from tests.support.pods import start_container
 from tests.test_sandbox_vm import pod_config
 from vmcri.sandbox.domain import parse_metadata
 
@@ -114,12 +115,7 @@ def check_claimed_pod(d, images, cfg, sid, warm) -> str:
     meta = owned_domains(d.root_dir)[warm]
     assert (meta.role, meta.pod_name, meta.sandbox_id) == ("pod", "warm-web", sid)
 
-    ctr = pb.ContainerConfig(metadata=pb.ContainerMetadata(name="c"),
-                             image=pb.ImageSpec(image=images.single.ref),
-                             command=["/bin/sh", "-c", "exec sleep 100000"], log_path="c.log")
-    cid = d.runtime.CreateContainer(pb.CreateContainerRequest(
-        pod_sandbox_id=sid, config=ctr, sandbox_config=cfg)).container_id
-    d.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+    cid = start_container(d, sid, cfg, images.single.ref, "c")
     out = d.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["hostname"], timeout=60))
     assert (out.exit_code, out.stdout.strip()) == (0, b"warm-web")
     out = d.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["cat", "/etc/resolv.conf"],
@@ -143,13 +139,8 @@ def test_two_claimed_pods_cannot_see_each_others_files_or_processes(env):
             cfg = pod_config(name, hostname=name)
             sid, _ = run_pod(d, cfg)
             assert sandbox_info(d, sid)["source"] == "pool"
-            ctr = pb.ContainerConfig(
-                metadata=pb.ContainerMetadata(name="c"), image=pb.ImageSpec(image=images.single.ref),
-                command=["/bin/sh", "-c", f"echo secret-of-{name} > /dev/shm/{name}; exec sleep 4{len(pods)}4242"],
-                log_path="c.log")
-            cid = d.runtime.CreateContainer(pb.CreateContainerRequest(
-                pod_sandbox_id=sid, config=ctr, sandbox_config=cfg)).container_id
-            d.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+            cid = start_container(d, sid, cfg, images.single.ref, "c", [
+                "/bin/sh", "-c", f"echo secret-of-{name} > /dev/shm/{name}; exec sleep 4{len(pods)}4242"])
             pods.append((name, sid, cid))
 
         def sh(cid, script):
@@ -214,12 +205,7 @@ def test_bigger_pod_grows_a_pool_vm(env):
         assert (info["vm"]["vcpus"], info["vm"]["memoryMiB"]) == (2, 512)
         assert info["timings"]["grow"] >= 0
         assert pool_info(d)["grown"] == grown + 1
-        ctr = pb.ContainerConfig(metadata=pb.ContainerMetadata(name="c"),
-                                 image=pb.ImageSpec(image=images.single.ref),
-                                 command=["/bin/sh", "-c", "exec sleep 100000"], log_path="c.log")
-        cid = d.runtime.CreateContainer(pb.CreateContainerRequest(
-            pod_sandbox_id=sid, config=ctr, sandbox_config=cfg)).container_id
-        d.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+        cid = start_container(d, sid, cfg, images.single.ref, "c")
 
         def guest(*cmd):
             out = d.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=60))
@@ -351,13 +337,8 @@ def test_claimed_vm_gets_the_pod_nic_hot_plugged(net_env):
         for phase in ("claim", "network", "nic-hotplug", "configure", "total"):
             assert info["timings"][phase] >= 0, phase
         mac = info["network"]["interfaces"][0]["mac"]
-        ctr = pb.ContainerConfig(
-            metadata=pb.ContainerMetadata(name="srv"), image=pb.ImageSpec(image=images.single.ref),
-            command=["/bin/sh", "-c", "while true; do echo pool-hello | nc -l -p 8080; done"],
-            log_path="srv.log")
-        cid = d.runtime.CreateContainer(pb.CreateContainerRequest(
-            pod_sandbox_id=sid, config=ctr, sandbox_config=cfg)).container_id
-        d.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+        cid = start_container(d, sid, cfg, images.single.ref, "srv",
+                              ["/bin/sh", "-c", "while true; do echo pool-hello | nc -l -p 8080; done"])
         out = d.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["ip", "-o", "addr"],
                                                     timeout=60))
         assert f"{POD_IP}/24".encode() in out.stdout, out.stdout

@@ -1,4 +1,7 @@
-"""A daemon + images pulled + one pod VM, shared by the container-level VM test modules."""
+"""A daemon + images pulled + one pod VM, shared by the container-level VM test modules,
+and the small steps those modules repeat."""
+import time
+
 from cri_api.v1 import api_pb2 as pb
 
 from tests.test_sandbox_vm import pod_config
@@ -16,3 +19,25 @@ def pod_env(daemon_factory, test_images, tmp_path_factory, name, images=("multi"
     yield d, sid, cfg, test_images
     d.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid))
     d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid))
+
+
+def start_container(d, sid, sandbox_config, image: str, name: str,
+                    command=("/bin/sh", "-c", "exec sleep 100000")) -> str:
+    """Create and start a container in pod `sid`; returns its id."""
+    cid = d.runtime.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=sid, sandbox_config=sandbox_config, config=pb.ContainerConfig(
+            metadata=pb.ContainerMetadata(name=name), image=pb.ImageSpec(image=image),
+            command=list(command), log_path=f"{name}.log"))).container_id
+    d.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+    return cid
+
+
+def wait_for(predicate, what: str, timeout: float = 120, every: float = 0.2):
+    """predicate()'s first truthy value; AssertionError after `timeout` (a hang detector)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
