@@ -3,8 +3,6 @@
 port-forward goes through the agent's direct-tcpip relay. This is the path the VMs use,
 minus the VM."""
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -48,21 +46,11 @@ class AgentBackend:
 
 
 @pytest.fixture
-def agent(tmp_path):
-    path = str(tmp_path / "agent.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "vmcri.agent", "--listen-unix", path],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(path) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        client = AgentClient(path, call_timeout=20)
-        client.wait_ready(20)
-        yield client
-        client.close()
-    finally:
-        proc.kill()
-        proc.wait()
+def agent(dev_agent):
+    client = AgentClient(dev_agent, call_timeout=20)
+    client.wait_ready(20)
+    yield client
+    client.close()
 
 
 @pytest.fixture
