@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -13,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cri_api.v1 import api_pb2 as pb  # noqa: E402
 
-from tests.support.fx_daemon import Daemon, make_daemon  # noqa: E402
+from tests.support.fx_daemon import Daemon, dispose, make_daemon  # noqa: E402
 from vmcri.agent import protocol  # noqa: E402
 
 GUEST_CURRENT = "/var/lib/vmcri/guest/current"
@@ -39,8 +38,7 @@ def daemon(extra_config: str = "", image_dir: str = GUEST_CURRENT):
     try:
         yield d
     finally:
-        d.stop()
-        shutil.rmtree(d.base, ignore_errors=True)
+        dispose(d)  # with a warm pool, its VMs too
 
 
 def pod_config(name: str) -> pb.PodSandboxConfig:

@@ -97,6 +97,17 @@ def make_daemon(extra_config: str = "", prefix: str = "vmcri-test-") -> Daemon:
                   extra_config=extra_config)
 
 
+def dispose(d: Daemon, keep_dirs: bool = False) -> None:
+    """Stop a test daemon and take everything it made with it: pods and pool VMs outlive
+    their daemon by design, and their share dirs are mounts that rmtree cannot remove."""
+    from vmcri.sandbox.hostfs import unmount_tree
+    d.stop()
+    _destroy_owned_domains(d.root_dir)
+    if not keep_dirs:
+        unmount_tree(d.base)
+        shutil.rmtree(d.base, ignore_errors=True)
+
+
 def _destroy_owned_domains(root_dir: str) -> None:
     """Pods outlive their daemon by design; a finished test's must not outlive the test."""
     import libvirt
@@ -127,10 +138,7 @@ def daemon_factory():
 
     yield factory
     for d in made:
-        d.stop()
-        _destroy_owned_domains(d.root_dir)
-        if os.environ.get("VMCRI_KEEP_TEST_DIRS") != "1":
-            shutil.rmtree(d.base, ignore_errors=True)
+        dispose(d, keep_dirs=os.environ.get("VMCRI_KEEP_TEST_DIRS") == "1")
 
 
 @pytest.fixture(scope="session")
