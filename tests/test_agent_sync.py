@@ -78,3 +78,16 @@ def test_read_hello_for_the_dev_server():
     hello = sync.new_hello()
     data = [b"noise", hello]
     assert sync.read_hello(lambda n: data.pop(0)) == hello
+
+
+def test_an_agent_without_the_sync_is_recognised():
+    data = [b"SSH-2.0-paramiko_2.12.0\r\n"]
+    with pytest.raises(sync.LegacyAgent):
+        sync.await_echo(lambda n: data.pop(0), sync.new_hello())
+
+
+def test_a_stale_banner_of_a_syncing_agent_is_not_mistaken_for_a_legacy_one():
+    """An earlier session's echo and banner, undelivered, arrive before ours."""
+    mine, old = sync.new_hello(), sync.new_hello()
+    data = [old + b"SSH-2.0-paramiko_2.12.0\r\n" + b"\x00" * 100, mine + b"SSH-2.0-new\r\n"]
+    assert sync.await_echo(lambda n: data.pop(0), mine) == b"SSH-2.0-new\r\n"

@@ -175,6 +175,7 @@ class AgentClient:
         self.max_output = max_output
         self.name = name or socket_path
         self.host_key_fingerprint: str | None = None
+        self.legacy = False  # the VM's agent predates the session sync (older guest image)
         self._transport: paramiko.Transport | None = None
         self._lock = threading.Lock()
 
@@ -191,13 +192,20 @@ class AgentClient:
             sock.close()
             raise
         try:
-            hello = sync.new_hello()
-            sock.sendall(hello)
-            banner_start = sync.await_echo(sock.recv, hello)
+            banner_start = b""
+            if not self.legacy:
+                hello = sync.new_hello()
+                sock.sendall(hello)
+                banner_start = sync.await_echo(sock.recv, hello)
             bounded = _BoundedSocket(sock, banner_start)
             t = _HostTransport(bounded)
         except BaseException as e:
             sock.close()
+            if isinstance(e, sync.LegacyAgent):
+                # a pod booted before a vmcri upgrade: talk to it the old way from now on
+                log.warning("agent %s predates the session sync; reconnecting without it", self.name)
+                self.legacy = True
+                raise AgentProtocolError(f"agent session sync: {e}") from e
             if isinstance(e, socket.timeout):
                 raise AgentTimeout("agent did not answer the session sync in time") from e
             if isinstance(e, (OSError, sync.SyncError)):

@@ -23,6 +23,10 @@ class SyncError(Exception):
     pass
 
 
+class LegacyAgent(SyncError):
+    """The agent answered with an SSH banner and no sync at all: it predates the sync."""
+
+
 def new_hello() -> bytes:
     return MAGIC + os.urandom(NONCE_BYTES)
 
@@ -72,6 +76,7 @@ def await_echo(recv, hello: bytes, limit: int = STALE_BYTE_LIMIT) -> bytes:
     it (the start of the SSH banner). Stale bytes before it are dropped, up to `limit`."""
     buf = b""
     dropped = 0
+    saw_magic = False
     while True:
         chunk = recv(65536)
         if not chunk:
@@ -80,6 +85,10 @@ def await_echo(recv, hello: bytes, limit: int = STALE_BYTE_LIMIT) -> bytes:
         i = buf.find(hello)
         if i >= 0:
             return buf[i + len(hello):]
+        # an agent that knows the sync puts MAGIC before every banner it sends
+        saw_magic = saw_magic or MAGIC in buf
+        if not saw_magic and (buf.startswith(b"SSH-") or b"\nSSH-" in buf):
+            raise LegacyAgent("agent sent an SSH banner without the session sync")
         keep = len(hello) - 1
         if len(buf) > keep:
             dropped += len(buf) - keep
