@@ -37,3 +37,44 @@ def test_metric_descriptors_are_cadvisor_names():
     names = {d.name for d in st.metric_descriptors()}
     assert {"container_cpu_usage_seconds_total", "container_memory_working_set_bytes",
             "container_network_receive_bytes_total"} <= names
+
+
+def test_list_pod_stats_asks_the_guests_side_by_side_and_survives_a_silent_one():
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from vmcri.channel import AgentTimeout
+    from vmcri.container import container_stats as cs
+
+    live = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    class Agent:
+        def __init__(self, sid):
+            self.sid = sid
+
+        def call(self, method, timeout=None, **params):
+            with lock:
+                live["now"] += 1
+                live["max"] = max(live["max"], live["now"])
+            try:
+                time.sleep(0.3)
+                if self.sid == "silent":
+                    raise AgentTimeout("agent call timed out")
+                return {"cpu_usage_usec": 1000, "memory": {"current": 1 << 20}, "processes": 3}
+            finally:
+                with lock:
+                    live["now"] -= 1
+
+    pods = [SimpleNamespace(id=i, state="READY", name=i, namespace="ns", uid="u", attempt=0,
+                            labels={}, annotations={}) for i in ("a", "silent", "b", "c")]
+    sandboxes = SimpleNamespace(table=SimpleNamespace(all=lambda: pods), refresh=lambda sb: sb,
+                                agent=lambda sb: Agent(sb.id))
+    svc = SimpleNamespace(sandboxes=sandboxes, table=SimpleNamespace(for_sandbox=lambda sid: []))
+    got = cs.list_pod_sandbox_stats(svc, None)
+    assert [s.attributes.id for s in got] == ["a", "silent", "b", "c"]  # table order kept
+    assert live["max"] >= 2  # the calls overlapped
+    assert got[0].linux.process.process_count.value == 3
+    assert not got[1].linux.HasField("process")  # the silent pod has no sample, the rest do
+    assert all(s.linux.process.process_count.value == 3 for s in got[2:])
