@@ -110,6 +110,9 @@ def markdown(res: dict) -> str:
     if res.get("p2"):
         from bench import pool
         L += pool.markdown(res["p2"])
+    if res.get("p8"):
+        from bench import streaming
+        L += streaming.markdown(res["p8"])
     if res.get("p7"):
         p = res["p7"]
         L += ["## P7 image pull (local registry)", "",

@@ -1,8 +1,9 @@
 """The one bench entry point: P1 sandbox ready vs floor, P2 warm pool, P3 container start,
-P4 ExecSync, P5 idle memory, P6 density, P7 pull. Writes bench/results/<stem>.{json,md,png}.
+P4 ExecSync, P5 idle memory, P6 density, P7 pull, P8 streaming.
+Writes bench/results/<stem>.{json,md,png}.
 
     /opt/vmcri/venv/bin/python -m bench.run [--quick] [--before-image DIR [--before-tb 32]]
-        [--only p1,p2,p3,p6,p7] [--runs N] [--pool-size 2] [--stem latest]
+        [--only p1,p2,p3,p6,p7,p8] [--runs N] [--pool-size 2] [--stem latest]
 
 `after` is the current guest image (`/var/lib/vmcri/guest/current`) with vmcri's current
 config defaults; `--before-image` adds an older image directory (and its tb-cache) as
@@ -18,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import containers, density, pool, pull, report  # noqa: E402
+from bench import containers, density, pool, pull, report, streaming  # noqa: E402
 from bench.common import GUEST_CURRENT, log  # noqa: E402
 from bench.sandbox_ready import Variant, measure as measure_p1  # noqa: E402
 from vmcri.config import Config  # noqa: E402
@@ -33,7 +34,8 @@ def main() -> None:
     ap.add_argument("--before-tb", type=int, default=32, help="tb-cache MiB of the 'before' config")
     ap.add_argument("--before-config", default="", help="extra daemon TOML for 'before'")
     ap.add_argument("--after-image", default=GUEST_CURRENT)
-    ap.add_argument("--only", default="p1,p2,p3,p6,p7", help="comma list of p1,p2,p3,p6,p7 (p3 includes p4, p5)")
+    ap.add_argument("--only", default="p1,p2,p3,p6,p7,p8",
+                    help="comma list of p1,p2,p3,p6,p7,p8 (p3 includes p4, p5)")
     ap.add_argument("--pool-size", type=int, default=2, help="P2 warm pool size")
     ap.add_argument("--runs", type=int, default=0, help="P1 runs per variant (default 3, quick 2)")
     ap.add_argument("--sizes", default="", help="P6 pod counts, e.g. 5,10,20")
@@ -77,6 +79,11 @@ def main() -> None:
                         (() if a.seq_sizes == "none" else tuple(int(x) for x in a.seq_sizes.split(",")))
                         if a.seq_sizes else None,
                         rows=res["p6"]["rows"], on_row=out)
+    if "p8" in only:
+        log("P8 streaming into a pod VM")
+        res["p8"] = streaming.measure(after.config(), after.image_dir, execs=10 if a.quick else 20,
+                                      runs=2 if a.quick else 3)
+        out()
     if "p7" in only:
         log("P7 pull")
         res["p7"] = pull.measure(runs=3 if a.quick else 5)

@@ -358,3 +358,20 @@ def test_dev_agent_port_forward_reaches_loopback_only(dev_agent):
         c._ensure(time.monotonic() + 10).open_channel("direct-tcpip", dest_addr=("10.0.0.1", 80),
                                                       src_addr=("127.0.0.1", 0), timeout=10)
     assert e.value.code == paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+
+def test_output_faster_than_its_reader_loses_nothing(dev_agent):
+    """While the host is attached the agent holds the process back instead of dropping
+    output (kubectl exec of a big file through a slow link)."""
+    c = AgentClient(dev_agent, call_timeout=60)
+    expected = "".join(f"{i}\n" for i in range(1, 600_001)).encode()  # ~4.5 MB, > the 1 MiB ring
+    p = c.open_process(["seq", "1", "600000"])
+    got = bytearray()
+    while True:
+        d = p.recv(65536, timeout=60)
+        if not d:
+            break
+        got += d
+        time.sleep(0.005)  # a slow consumer
+    assert p.exit_status(30) == 0
+    assert len(got) == len(expected) and bytes(got) == expected

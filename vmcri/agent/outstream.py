@@ -4,7 +4,8 @@ Reader threads put the process's stdout/stderr into a bounded ring (outring.py).
 stream it to SSH channels:
 - the pump (at most one; a new attach replaces it) resumes after what an earlier pump sent
   in full, or from the offsets the host names, so output made or in flight while the host
-  is away arrives on its next attach exactly once; it ends with the exit status;
+  is away arrives on its next attach exactly once; it ends with the exit status. While it
+  is attached it applies back-pressure: nothing is dropped, the process waits for it;
 - live feeds (a container's `attach` with `live`) each get a bounded queue of output from
   the moment they join, and never touch the ring.
 """
@@ -23,6 +24,10 @@ from .outring import STREAM_NAMES, OutputRing, RingReader
 from .pid1 import exit_code
 
 LIVE_QUEUE_BYTES = 256 << 10
+# While a pump is attached, a reader stops taking output once this much is unsent, so the
+# pipe fills and the process waits (as under containerd) instead of the ring dropping
+# bytes. With no pump (the host away) the ring keeps the newest output and drops the rest.
+PUMP_HIGH_WATER = protocol.PROCESS_BUFFER_BYTES // 2
 STREAM_GRACE_S = 2.0   # after the process exits, how long a leftover pipe writer may hold the output open
 
 
@@ -70,6 +75,8 @@ class OutputSource:
         self._live: list[LiveFeed] = []
         self._pump_gen = 0
         self._pump_chan = None
+        self._pump_live = False  # a pump is attached and sending
+        self._held = 0  # readers holding output back for the pump (not done yet)
         self._open_streams = 0
         self._exited_at: float | None = None
         self._stdin_fd: int | None = None
@@ -94,6 +101,12 @@ class OutputSource:
                 if not data:
                     break
                 with self._lock:
+                    while self._pump_live and self._unsent() > PUMP_HIGH_WATER:
+                        self._held += 1
+                        try:
+                            self._cond.wait(1.0)
+                        finally:
+                            self._held -= 1
                     self._ring.put(stream, data)
                     for feed in self._live:
                         feed.put(stream, data)
@@ -103,6 +116,10 @@ class OutputSource:
             with self._lock:
                 self._open_streams -= 1
                 self._cond.notify_all()
+
+    def _unsent(self) -> int:
+        """Caller holds the lock: bytes in the ring the pump has not sent yet."""
+        return sum(self._ring.end[s] - self._sent[s] for s in self._sent)
 
     def on_exit(self, status: int) -> None:
         with self._lock:
@@ -118,7 +135,7 @@ class OutputSource:
 
     def _output_done(self) -> bool:
         """Caller holds the lock: the process is gone and so is its output (or the grace ran out)."""
-        if self.status is None:
+        if self.status is None or self._held:
             return False
         return self._open_streams == 0 or time.monotonic() - self._exited_at > STREAM_GRACE_S
 
@@ -153,6 +170,8 @@ class OutputSource:
                     {STREAM_NAMES[s]: n for s, n in self._sent.items()})[0]
                 feed, gen = RingReader(self._ring, start), self._pump_gen
                 old, self._pump_chan = self._pump_chan, chan
+                self._sent = dict(start)  # what it skips (offsets it named) counts as sent
+                self._pump_live = True
                 self._cond.notify_all()
             first_stdin = with_stdin and self._stdin_fd is not None and not self._stdin_attached
             if with_stdin:
@@ -194,6 +213,7 @@ class OutputSource:
                             pos[stream] += len(data)
                             with self._lock:
                                 self._sent = dict(pos)
+                                self._cond.notify_all()  # a reader held back by the high-water mark
                     if done:
                         chan.send_exit_status(exit_code(status))
                         chan.shutdown_write()
@@ -205,10 +225,13 @@ class OutputSource:
                 except Exception:
                     return  # the host went away mid-send: its next attach resumes
         finally:
-            if gen is None:
-                with self._lock:
+            with self._lock:
+                if gen is None:
                     if feed in self._live:
                         self._live.remove(feed)
+                elif gen == self._pump_gen:
+                    self._pump_live = False  # the host is away: readers go back to drop-oldest
+                    self._cond.notify_all()
 
     def _exit_delivered(self) -> None:
         """Hook: a pump has sent the exit status."""
