@@ -14,7 +14,7 @@ from cri_api.v1 import api_pb2 as pb
 from bench.common import daemon, log, pod_config, remove_pod, run_pod, summary
 from bench.containers import _wait_running, push_busybox
 from tests.support.fx_registry import stop_registry
-from tests.support.spdy_client import PortForwardClient, exec_url
+from tests.support.spdy_client import PortForwardClient, exec_url, read_all
 
 PAYLOAD_MIB = 16
 PF_PORT = 8081
@@ -77,8 +77,10 @@ def _measure_in(d, sid: str, ref: str, execs: int, runs: int) -> dict:
         with PortForwardClient.connect(url) as pf:
             deadline = time.monotonic() + 60
             while True:
+                # no half-close first: busybox nc quits on the peer's EOF
                 t = time.perf_counter()
-                reply, _ = pf.roundtrip(PF_PORT, b"")
+                data, _ = pf.open(PF_PORT)
+                reply = read_all(data, timeout=300)
                 took = time.perf_counter() - t
                 if len(reply) == size or time.monotonic() > deadline:
                     break
