@@ -226,9 +226,9 @@ class PortServer:
     A session starts at the host's HELLO (see sync.py), not at a hang-up, which a quick
     reconnect can hide. The fd is non-blocking: while the host is disconnected a blocking
     write() would sleep until the *next* connection and then inject the old session's
-    bytes into it, so a writer stops once its session has ended, and the HELLO echo is
-    written only after it has. (Only one open() of a virtio port is allowed, so reads are
-    non-blocking too, driven by poll().)
+    bytes into it, so a writer stops once its session has ended; the next session's
+    writer starts with the HELLO echo. (Only one open() of a virtio port is allowed, so
+    reads are non-blocking too, driven by poll().)
     """
 
     def __init__(self, agent, port_path: str):
@@ -259,33 +259,17 @@ class PortServer:
             for kind, chunk in scanner.feed(data):
                 if kind == "hello":
                     self._end_session()
-                    if self._write_port(chunk):
-                        self._start_session()
+                    self._start_session(echo=chunk)
                 elif self._sock is not None:
                     try:
                         self._sock.sendall(chunk)
                     except OSError:
                         self._end_session()  # the session died on its own (bad input)
 
-    def _write_port(self, data: bytes, timeout: float = 10.0) -> bool:
-        """Write all of data unless the host goes away for `timeout`."""
-        poller = select.poll()
-        poller.register(self.fd, select.POLLOUT)
-        view = memoryview(data)
-        deadline = time.monotonic() + timeout
-        while view:
-            try:
-                view = view[os.write(self.fd, view):]
-            except (BlockingIOError, InterruptedError):
-                if time.monotonic() > deadline:
-                    return False
-                poller.poll(50)
-            except OSError:
-                return False
-        return True
-
-    def _start_session(self) -> None:
+    def _start_session(self, echo: bytes) -> None:
         ours, theirs = socket.socketpair()
+        # the session's own writer sends the echo, ahead of the SSH banner
+        theirs.sendall(echo)
         self._sock = ours
         self.sessions += 1
         n = self._current = self.sessions
