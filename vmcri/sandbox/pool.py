@@ -25,7 +25,7 @@ import jinja2
 import libvirt
 from cri_api.v1 import api_pb2 as pb
 
-from vmcri.errors import InvalidArgument, Unavailable
+from vmcri.errors import Unavailable
 from vmcri.sandbox import designer, hostfs
 from vmcri.sandbox.domain import METADATA_NS, NicSpec, SandboxMeta, render_domain
 from vmcri.sandbox.model import READY, now_ns
@@ -74,10 +74,7 @@ class PoolVM:
 
 class WarmPool:
     def __init__(self, svc, size: int, max_concurrent_boots: int = 1):
-        if size < 0:
-            raise InvalidArgument(f"pool_size: must not be negative, got {size}")
-        if max_concurrent_boots < 1:
-            raise InvalidArgument(f"pool_max_concurrent_boots: must be at least 1, got {max_concurrent_boots}")
+        # size and max_concurrent_boots come validated from config (pool_size, ...)
         self.svc = svc
         self.size = size
         self.max_boots = max_concurrent_boots
@@ -145,10 +142,11 @@ class WarmPool:
             self._cond.notify_all()
 
     def snapshot(self) -> dict:
+        shape = self.shape()
         with self._cond:
             return {"size": self.size, "ready": len(self._ready), "booting": self._booting,
                     "maxConcurrentBoots": self.max_boots, **self.stats,
-                    "shape": {"vcpus": self.shape().vcpus, "memoryMiB": self.shape().memory_mib}}
+                    "shape": {"vcpus": shape.vcpus, "memoryMiB": shape.memory_mib}}
 
     def _refill_loop(self) -> None:
         while not self._stop.is_set():
@@ -325,14 +323,13 @@ def run_claimed(svc, vm: PoolVM, config: pb.PodSandboxConfig, rec, phase, timing
         undo.callback(svc.pool.destroy, vm.id, vm.domain, vm.client)
         svc.pool.forget(vm.id)
         try:
-            dom = svc.hv.lookup(vm.domain)
-            if dom is None:
-                raise Unavailable(f"pool VM {vm.domain} vanished while being claimed")
             meta = SandboxMeta(sandbox_id=rec.id, pod_name=md.name, pod_namespace=md.namespace,
                                pod_uid=md.uid, attempt=md.attempt, role="pod",
                                owner=svc.cfg.root_dir)
-            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, render_metadata(meta), "vmcri",
-                            METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            try:
+                svc.hv.set_metadata(vm.domain, render_metadata(meta), "vmcri", METADATA_NS)
+            except libvirt.libvirtError as e:
+                raise Unavailable(f"pool VM {vm.domain} could not be claimed: {e}") from e
             t = phase("claim", t_start)
             if "grow" in vm.timings:  # resized to fit this pod inside claim()
                 timings["grow"] = vm.timings["grow"]
@@ -348,7 +345,7 @@ def run_claimed(svc, vm: PoolVM, config: pb.PodSandboxConfig, rec, phase, timing
                     nic = NicSpec(mac=net.interfaces[0]["mac"], tap=designer.tap_name(rec.id),
                                   mtu=getattr(net, "mtu", 0) or 0)
                     try:
-                        dom.attachDeviceFlags(render_nic(nic), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                        svc.hv.attach_device(vm.domain, render_nic(nic))
                     except libvirt.libvirtError as e:
                         raise Unavailable(f"hot-plugging the pod NIC into {vm.domain} failed: {e}") from e
                     svc.network.attach_tap(net.netns_path, nic.tap)

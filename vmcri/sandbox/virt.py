@@ -70,9 +70,9 @@ _UNIT_MIB = {"b": 1 / 2**20, "bytes": 1 / 2**20, "k": 1 / 1024, "kib": 1 / 1024,
              "g": 1024, "gib": 1024}
 
 
-def _mib(node) -> int:
-    unit = (node.get("unit") or "KiB").lower()
-    return int(int(node.text.strip()) * _UNIT_MIB[unit])
+def _mib(value: str, unit: str | None) -> int:
+    """libvirt's size attributes and elements default to KiB."""
+    return int(int(value.strip()) * _UNIT_MIB[(unit or "KiB").lower()])
 
 
 def parse_shape(xml: str) -> LiveShape:
@@ -83,20 +83,21 @@ def parse_shape(xml: str) -> LiveShape:
     vcpus = int(vcpu.get("current") or max_vcpus)
     cell = root.find("cpu/numa/cell")
     if cell is not None:
-        boot = int(int(cell.get("memory")) * _UNIT_MIB[(cell.get("unit") or "KiB").lower()])
+        boot = _mib(cell.get("memory"), cell.get("unit"))
     else:
-        boot = _mib(root.find("memory"))
+        memory = root.find("memory")
+        boot = _mib(memory.text, memory.get("unit"))
     maxmem = root.find("maxMemory")
     dimms = []
     for dev in root.findall("devices/memory"):
         if dev.get("model") != "dimm":
             continue
-        alias = dev.find("alias")
+        alias, size = dev.find("alias"), dev.find("target/size")
         dimms.append(Dimm(alias=alias.get("name") if alias is not None else "",
-                          size_mib=_mib(dev.find("target/size")),
+                          size_mib=_mib(size.text, size.get("unit")),
                           xml=ET.tostring(dev, encoding="unicode")))
     return LiveShape(vcpus=vcpus, max_vcpus=max_vcpus, boot_memory_mib=boot,
-                     max_memory_mib=_mib(maxmem) if maxmem is not None else 0,
+                     max_memory_mib=_mib(maxmem.text, maxmem.get("unit")) if maxmem is not None else 0,
                      slots=int(maxmem.get("slots", 0)) if maxmem is not None else 0, dimms=dimms)
 
 
@@ -210,6 +211,11 @@ class Hypervisor:
     def set_vcpus(self, name: str, count: int) -> None:
         """Hot-plug (or unplug) vCPUs of the running domain; the guest still has to online them."""
         self._live(name).setVcpusFlags(count, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    def set_metadata(self, name: str, xml: str, key: str, uri: str) -> None:
+        """Replace our metadata element of the running domain (a claimed pool VM's new owner)."""
+        self._live(name).setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, key, uri,
+                                     libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
     def attach_device(self, name: str, xml: str) -> None:
         self._live(name).attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
