@@ -57,14 +57,9 @@ class Metrics:
 
 
 class _PoolCollector:
-    COUNTERS = {"claimed": "pool VMs handed to a RunPodSandbox",
-                "empty": "RunPodSandbox calls that found the pool empty and booted cold",
-                "unfit": "RunPodSandbox calls whose shape the pool cannot serve (booted cold)",
-                "booted": "pool VMs booted", "boot_failures": "pool VM boots that failed",
-                "adopted": "pool VMs adopted at daemon start",
-                "dropped": "pool VMs found dead at claim time and destroyed",
-                "grown": "claimed pool VMs grown to a bigger pod",
-                "grow_failures": "claimed pool VMs that could not be grown"}
+    # WarmPool.stats keys, exported as vmcri_pool_events_total{event=...} (docs/operating.md)
+    COUNTERS = ("claimed", "empty", "unfit", "booted", "boot_failures", "adopted", "dropped",
+                "grown", "grow_failures")
 
     def __init__(self, snapshot):
         self.snapshot = snapshot
