@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 
 from cri_api.v1 import api_pb2 as pb
 
@@ -27,6 +28,28 @@ def push_busybox(work: str):
     ref = f"{reg}/vmcri-bench/busybox:1.0"
     push_layout(layout, "bb", ref)
     return reg, ref
+
+
+@contextmanager
+def busybox_pod(config: str, image_dir: str, name: str):
+    """A daemon with busybox pulled from a loopback registry and one ready pod (logs in a
+    temp dir); yields (daemon, sandbox id, image ref, seconds to ready, log dir). Everything
+    is removed afterwards."""
+    work = tempfile.mkdtemp(prefix="vmcri-bench-pod-")
+    reg, ref = push_busybox(work)
+    try:
+        with daemon(config + f'\ninsecure_registries = ["{reg}"]', image_dir) as d:
+            d.image.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
+            logdir = os.path.join(work, "logs")
+            os.makedirs(logdir)
+            sid, ready = run_pod(d, name, logdir)
+            try:
+                yield d, sid, ref, ready, logdir
+            finally:
+                remove_pod(d, sid)
+    finally:
+        stop_registry(reg)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _ctr(name: str, ref: str) -> pb.ContainerConfig:
@@ -58,33 +81,21 @@ def _wait_running(rt, cid: str, timeout: float = 120) -> float:
 
 def measure(config: str, image_dir: str, containers: int = 3, execs: int = 30,
             idle_settle_s: float = 5.0) -> dict:
-    work = tempfile.mkdtemp(prefix="vmcri-bench-ctr-")
-    reg, ref = push_busybox(work)
     out: dict = {"containers": containers, "execs": execs}
     try:
-        with daemon(config + f'\ninsecure_registries = ["{reg}"]', image_dir) as d:
-            d.image.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
-            logdir = os.path.join(work, "logs")
-            os.makedirs(logdir)
-            sid, ready = run_pod(d, "p3", logdir)
+        with busybox_pod(config, image_dir, "p3") as (d, sid, ref, ready, logdir):
             out["sandbox_ready_s"] = ready
-            try:
-                # P5 first: the sandbox idle, no container yet
-                time.sleep(idle_settle_s)
-                info = verbose_info(d, sid)
-                out["idle"] = {"qemu": proc_mem_kib(info["vm"]["qemuPid"]),
-                               "daemon": proc_mem_kib(d.proc.pid),
-                               "vm_memory_mib": info["vm"]["memoryMiB"]}
-                out.update(_containers(d, sid, ref, containers, execs, logdir))
-                out["idle"]["qemu_after_containers"] = proc_mem_kib(info["vm"]["qemuPid"])
-            finally:
-                remove_pod(d, sid)
+            # P5 first: the sandbox idle, no container yet
+            time.sleep(idle_settle_s)
+            info = verbose_info(d, sid)
+            out["idle"] = {"qemu": proc_mem_kib(info["vm"]["qemuPid"]),
+                           "daemon": proc_mem_kib(d.proc.pid),
+                           "vm_memory_mib": info["vm"]["memoryMiB"]}
+            out.update(_containers(d, sid, ref, containers, execs, logdir))
+            out["idle"]["qemu_after_containers"] = proc_mem_kib(info["vm"]["qemuPid"])
     except Exception as e:  # containers are young: report what broke instead of no report
         out["error"] = f"{type(e).__name__}: {e}"
         log(f"P3/P4 not measurable: {out['error']}")
-    finally:
-        stop_registry(reg)
-        shutil.rmtree(work, ignore_errors=True)
     return out
 
 

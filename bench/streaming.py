@@ -5,15 +5,12 @@ port-forward throughput out of the guest, with the tests' protocol clients
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 
 from cri_api.v1 import api_pb2 as pb
 
-from bench.common import daemon, log, pod_config, remove_pod, run_pod, summary
-from bench.containers import _wait_running, push_busybox
-from tests.support.fx_registry import stop_registry
+from bench.common import log, pod_config, summary
+from bench.containers import _wait_running, busybox_pod
 from tests.support.spdy_client import PortForwardClient, exec_url, read_all
 
 PAYLOAD_MIB = 16
@@ -21,23 +18,13 @@ PF_PORT = 8081
 
 
 def measure(config: str, image_dir: str, execs: int = 20, runs: int = 3) -> dict:
-    work = tempfile.mkdtemp(prefix="vmcri-bench-stream-")
-    reg, ref = push_busybox(work)
     out: dict = {"execs": execs, "payload_mib": PAYLOAD_MIB}
     try:
-        with daemon(config + f'\ninsecure_registries = ["{reg}"]', image_dir) as d:
-            d.image.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
-            sid, _ = run_pod(d, "p8")
-            try:
-                out.update(_measure_in(d, sid, ref, execs, runs))
-            finally:
-                remove_pod(d, sid)
+        with busybox_pod(config, image_dir, "p8") as (d, sid, ref, _, _):
+            out.update(_measure_in(d, sid, ref, execs, runs))
     except Exception as e:  # report what broke instead of no report
         out["error"] = f"{type(e).__name__}: {e}"
         log(f"P8 not measurable: {out['error']}")
-    finally:
-        stop_registry(reg)
-        shutil.rmtree(work, ignore_errors=True)
     return out
 
 
