@@ -23,7 +23,8 @@ import paramiko
 import pytest
 from cri_api.v1 import api_pb2 as pb
 
-from tests.test_channel import RawServer
+from tests.support.pods import start_container
+from tests.test_channel import FakeGuest, RawServer
 from tests.test_reliability_fuzz import _rss_kib
 from tests.test_sandbox_vm import pod_config
 from vmcri.agent import protocol
@@ -34,41 +35,22 @@ HANG_DETECTOR_S = 120
 RSS_GROWTH_LIMIT_KIB = 256 * 1024
 
 
-class HostileAgent(paramiko.ServerInterface):
-    """Speaks SSH, then breaks the agent protocol the way `mode()` says."""
-
-    def __init__(self, mode):
-        self.mode = mode
-
-    def get_allowed_auths(self, username):
-        return "none"
-
-    def check_auth_none(self, username):
-        return paramiko.AUTH_SUCCESSFUL
-
-    def check_channel_request(self, kind, chanid):
-        return paramiko.OPEN_SUCCEEDED
-
-    def check_channel_exec_request(self, chan, command):
-        threading.Thread(target=self._answer, args=(chan,), daemon=True).start()
-        return True
-
-    def _answer(self, chan):
-        mode = self.mode()
-        try:
-            if mode == "oversized":
-                chan.sendall(b"{" + b"x" * (protocol.MAX_REPLY_BYTES + 65536))
-            elif mode == "malformed":
-                chan.sendall(b'{"ok": "perhaps", "result": [1, 2\n')
-            elif mode in ("flood", "flood-window"):
-                chan.sendall(b'{"ok":true,"result":{"id":"p1","pid":7,"dropped":0,"exited":false}}\n')
-                if mode == "flood-window":
-                    chan.out_window_size = 1 << 40  # as if the host granted an endless window
-                while True:
-                    chan.sendall(b"y\n" * 32768)
-            # "silent": never answer
-        except Exception:
-            pass
+def answer_badly(mode: str, chan) -> None:
+    """Reply to one agent call the way `mode` breaks the protocol."""
+    try:
+        if mode == "oversized":
+            chan.sendall(b"{" + b"x" * (protocol.MAX_REPLY_BYTES + 65536))
+        elif mode == "malformed":
+            chan.sendall(b'{"ok": "perhaps", "result": [1, 2\n')
+        elif mode in ("flood", "flood-window"):
+            chan.sendall(b'{"ok":true,"result":{"id":"p1","pid":7,"dropped":0,"exited":false}}\n')
+            if mode == "flood-window":
+                chan.out_window_size = 1 << 40  # as if the host granted an endless window
+            while True:
+                chan.sendall(b"y\n" * 32768)
+        # "silent": never answer
+    except Exception:
+        pass
 
 
 def hostile_server(path: str, mode):
@@ -79,7 +61,7 @@ def hostile_server(path: str, mode):
             return
         t = paramiko.Transport(conn)
         t.add_server_key(KEY)
-        t.start_server(server=HostileAgent(mode))
+        t.start_server(server=FakeGuest(lambda chan: answer_badly(mode(), chan)))
         held = []  # a dropped server channel would close itself: "silent" must stay silent
         while t.is_active() and not stop.is_set():
             ch = t.accept(0.5)
@@ -121,12 +103,7 @@ def two_pods(daemon_factory, test_images, tmp_path_factory):
         cfg = pod_config(f"hostile-{name}")
         cfg.log_directory = str(tmp_path_factory.mktemp(f"logs-{name}"))
         sid = d.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg)).pod_sandbox_id
-        cid = d.runtime.CreateContainer(pb.CreateContainerRequest(
-            pod_sandbox_id=sid, sandbox_config=cfg, config=pb.ContainerConfig(
-                metadata=pb.ContainerMetadata(name="sleeper"), image=pb.ImageSpec(image=image),
-                command=["sleep", "100000"], log_path="sleeper.log"))).container_id
-        d.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
-        made[name] = (sid, cid)
+        made[name] = (sid, start_container(d, sid, cfg, image, "sleeper", ["sleep", "100000"]))
     yield d, made
     for sid, _ in made.values():
         d.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid))

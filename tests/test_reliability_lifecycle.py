@@ -23,6 +23,7 @@ import pytest
 from cri_api.v1 import api_pb2 as pb
 
 from tests.support.fx_cni import NodeNetwork
+from tests.support.pods import start_container
 from tests.test_sandbox_vm import pod_config
 from vmcri.network.tap import tap_name_for
 
@@ -121,12 +122,7 @@ def run_pod_with_sleeper(d, image, name, log_dir):
     cfg = pod_config(name)
     cfg.log_directory = log_dir
     sid = d.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg)).pod_sandbox_id
-    cid = d.runtime.CreateContainer(pb.CreateContainerRequest(
-        pod_sandbox_id=sid, sandbox_config=cfg, config=pb.ContainerConfig(
-            metadata=pb.ContainerMetadata(name="sleeper"), image=pb.ImageSpec(image=image),
-            command=["sleep", "100000"], log_path="sleeper.log"))).container_id
-    d.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
-    return sid, cid
+    return sid, start_container(d, sid, cfg, image, "sleeper", ["sleep", "100000"])
 
 
 def test_qemu_killed_pod_goes_notready_others_unaffected(lc_daemon, tmp_path):
