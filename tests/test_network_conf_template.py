@@ -12,7 +12,7 @@ from cri_api.v1 import api_pb2 as pb
 from tests.support.fx_cni import SYSTEM_CNI_BIN, TEST_BRIDGE
 from vmcri import errors
 from vmcri.config import Config
-from vmcri.network import conf_template
+from vmcri.network import conf_template, netns
 
 SHIPPED = os.path.join(os.path.dirname(__file__), "..", "packaging", "cni", "vmcri-net.conflist.j2")
 
@@ -77,6 +77,7 @@ def test_rendered_config_gives_pods_addresses_from_the_pod_cidr(cni_base, cni_ho
     finally:
         svc.teardown(sid)
         svc.cleanup_orphans([])
+        netns.release_dir(cfg.netns_dir)  # the dir's shared self-bind, as the other CNI tests do
 
 
 def test_update_runtime_config_through_the_daemon(daemon_factory, tmp_path):
