@@ -59,3 +59,16 @@ def test_bad_config_names_the_key(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "default_memory_mib" in r.stderr
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_config_flag_before_or_after_the_subcommand(tmp_path, where):
+    """README documents `vmcri serve --config FILE`; `vmcri --config FILE serve` works too."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('default_memory_mib = 321\n')
+    argv = (["--config", str(cfg), "config"] if where == "before"
+            else ["config", "--config", str(cfg)])
+    r = subprocess.run([sys.executable, "-m", "vmcri.cli", *argv],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert '"default_memory_mib": 321' in r.stdout

@@ -62,17 +62,22 @@ def cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    config_help = f"TOML config (default {config_mod.DEFAULT_CONFIG_PATH} if present)"
     p = argparse.ArgumentParser(prog="vmcri", description=__doc__)
-    p.add_argument("--config", help=f"TOML config (default {config_mod.DEFAULT_CONFIG_PATH} if present)")
+    p.add_argument("--config", help=config_help)
+    # `vmcri serve --config F` works as well as `vmcri --config F serve`: SUPPRESS keeps a
+    # subcommand without the flag from resetting the top-level value to None.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("serve", help="serve CRI v1 on the unix socket").set_defaults(fn=cmd_serve)
-    sub.add_parser("config", help="print the effective config").set_defaults(fn=cmd_config)
-    sub.add_parser("doctor", help="check libvirt, guest image and CNI").set_defaults(fn=cmd_doctor)
+    sub.add_parser("serve", parents=[common], help="serve CRI v1 on the unix socket").set_defaults(fn=cmd_serve)
+    sub.add_parser("config", parents=[common], help="print the effective config").set_defaults(fn=cmd_config)
+    sub.add_parser("doctor", parents=[common], help="check libvirt, guest image and CNI").set_defaults(fn=cmd_doctor)
     img = sub.add_parser("image", help="guest image").add_subparsers(dest="image_cmd", required=True)
-    b = img.add_parser("build", help="build the guest kernel, initramfs and erofs root")
+    b = img.add_parser("build", parents=[common], help="build the guest kernel, initramfs and erofs root")
     b.add_argument("--force", action="store_true", help="rebuild even if the cache is fresh")
     b.set_defaults(fn=cmd_image_build)
-    d = sub.add_parser("demo", help="isolation demo: a pod that is a VM")
+    d = sub.add_parser("demo", parents=[common], help="isolation demo: a pod that is a VM")
     d.add_argument("--socket", help="CRI socket of a running vmcri")
     d.add_argument("--html", default="vmcri-demo.html", help="where to write the HTML report")
     d.add_argument("--keep", action="store_true", help="leave the demo pods running")
