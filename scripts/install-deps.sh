@@ -9,6 +9,7 @@ WITH_TEST=${1:-}
 DEBIAN_PKGS=(
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config qemu-system-x86
   crun erofs-utils kmod cpio iproute2 skopeo containernetworking-plugins
+  conmon  # host sandboxes (hostNetwork/hostPID/hostIPC pods): the per-container monitor
   python3 python3-venv python3-dev gcc
   docker-registry  # `vmcri demo` serves its busybox image from a throwaway loopback registry
 )
