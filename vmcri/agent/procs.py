@@ -12,7 +12,7 @@ import subprocess
 import termios
 import threading
 
-from . import protocol
+from . import protocol, ttysize
 from .outstream import OutputSource
 from .pid1 import Reaper
 
@@ -83,6 +83,11 @@ class Process(OutputSource):
     def _stdin_ended(self, chan, first: bool) -> bool:
         # the host's EOF (not a dropped connection, which a re-attach resumes) ends stdin
         return chan.eof_received and (self.tty or not chan.closed)
+
+    def resize(self, cols: int, rows: int) -> None:
+        super().resize(cols, rows)
+        if self.tty and self.pid > 0 and self.status is None:
+            ttysize.propagate(self.pid, cols, rows)  # `crun exec -t` keeps a pty of its own
 
     def signal(self, name: str) -> None:
         sig = getattr(signal, "SIG" + protocol.check_signal(name))
