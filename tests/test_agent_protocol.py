@@ -23,7 +23,7 @@ def test_every_method_round_trips_through_the_command_string():
         "container_create": {"id": "c1", "bundle": protocol.container_bundle("c1"), "tty": True},
         "container_start": {"id": "c1"}, "container_state": {"id": "c1"},
         "container_kill": {"id": "c1", "signal": "TERM"}, "container_delete": {"id": "c1"},
-        "container_stats": {"id": "c1"}, "sandbox_stats": {},
+        "container_stats": {"id": "c1"}, "container_metrics": {"id": "c1"}, "sandbox_stats": {},
         "set_sysctls": {"sysctls": {"net.ipv4.ip_forward": "1"}},
         "container_update": {"id": "c1", "resources": {"memory": {"limit": 1048576}}},
         "set_cpus_online": {"count": 2, "wait_ms": 100},

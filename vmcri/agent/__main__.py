@@ -69,9 +69,9 @@ def load_handlers() -> dict:
     A new family of calls (e.g. containers via crun) is a new `handlers_<area>.py` with a
     HANDLERS dict, listed here, plus its validators in protocol.METHODS.
     """
-    from . import handlers_container, handlers_resources, handlers_system
+    from . import handlers_container, handlers_metrics, handlers_resources, handlers_system
     handlers = {}
-    for mod in (handlers_system, handlers_container, handlers_resources):
+    for mod in (handlers_system, handlers_container, handlers_resources, handlers_metrics):
         clash = set(handlers) & set(mod.HANDLERS)
         if clash:
             raise RuntimeError(f"handler registered twice: {sorted(clash)}")

@@ -364,7 +364,8 @@ def sandbox_stats(agent, params):
             continue
         st = f"/sys/class/net/{name}/statistics"
         ifaces.append({"name": name, **{k: _int_file(f"{st}/{k}") or 0
-                                        for k in ("rx_bytes", "rx_errors", "tx_bytes", "tx_errors")}})
+                                        for k in ("rx_bytes", "rx_errors", "tx_bytes", "tx_errors", "rx_packets",
+                                                  "tx_packets", "rx_dropped", "tx_dropped")}})
     return {
         "cpu_usage_usec": _guest_cpu_usec(),
         "memory": {"current": meminfo.get("MemTotal", 0) - meminfo.get("MemAvailable", 0),

@@ -323,6 +323,7 @@ METHODS = {
     "container_state": _container_id,
     "container_delete": _container_id,
     "container_stats": _container_id,
+    "container_metrics": _container_id,
     "sandbox_stats": _no_params,
     "set_sysctls": _set_sysctls,
     "container_update": _container_update,
