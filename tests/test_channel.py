@@ -246,16 +246,19 @@ def test_client_side_validation_names_the_field(sock_path):
 
 # -- the real agent code, on the host (fixture dev_agent: tests/support/fx_agent.py) ------
 
-def test_dev_agent_run_attach_and_timeouts(dev_agent):
+def test_dev_agent_run_attach_and_timeouts(dev_agent, tmp_path):
     c = AgentClient(dev_agent, call_timeout=20)
     assert c.wait_ready(20)["pong"] is True
     assert c.run(["sh", "-c", "echo out; echo err >&2; exit 4"]) == (4, b"out\n", b"err\n")
     with pytest.raises(AgentTimeout):
         c.run(["sleep", "30"], timeout=1.0)
-    p = c.open_process(["sh", "-c", "echo a; sleep 0.5; echo b; echo c"], id="d1")
+    # b and c come only after the first client is gone, however slow this machine is
+    go = tmp_path / "d1-go"
+    p = c.open_process(["sh", "-c", f"echo a; while [ ! -e {go} ]; do sleep 0.02; done; echo b; echo c"],
+                       id="d1")
     assert p.recv(timeout=10) == b"a\n"
     c.close()
-    time.sleep(1.0)
+    go.touch()
     a = AgentClient(dev_agent).attach("d1")
     out = b""
     while (d := a.recv(timeout=10)):

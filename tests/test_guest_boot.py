@@ -30,6 +30,11 @@ def vm(guest_image, tmp_path_factory, share):
         yield g
 
 
+def _wait_for_file(path: str) -> str:
+    """Shell that blocks until the test creates `path`."""
+    return f"while [ ! -e {path} ]; do sleep 0.05; done; "
+
+
 def run_ok(client, argv, **kw):
     code, out, err = client.run(argv, **kw)
     assert code == 0, (argv, code, out, err)
@@ -145,13 +150,16 @@ def test_port_forward_into_the_guest(vm):
 def test_process_survives_reconnect_and_buffered_output_arrives(vm):
     c = vm["client"]
     fp = c.host_key_fingerprint
-    p = c.open_process(["sh", "-c", "echo first; sleep 1; for i in 1 2 3 4 5; do echo line$i; done; sleep 1; exit 5"],
+    # The process holds its lines and its exit until the test says go, so both happen while
+    # nobody is attached, however fast or slow the machine is.
+    p = c.open_process(["sh", "-c", "echo first; " + _wait_for_file("/tmp/survivor-go") +
+                        "for i in 1 2 3 4 5; do echo line$i; done; touch /tmp/survivor-done; exit 5"],
                        id="survivor-1")
     assert p.recv(timeout=30).startswith(b"first")
     c.close()  # host drops the connection while the process runs
-    time.sleep(3)  # lines 1-5 are produced while nobody is attached
     assert c.call("ping")["pong"] is True  # fresh handshake on the same socket
     assert c.host_key_fingerprint == fp
+    run_ok(c, ["sh", "-c", "touch /tmp/survivor-go; " + _wait_for_file("/tmp/survivor-done")])
     a = c.attach("survivor-1")
     out = b""
     while True:
@@ -171,15 +179,18 @@ def test_repeated_disconnects_during_heavy_output(vm):
     clean handshake (no bytes of the old session leak into the new one) and the process's
     exit status still arrives."""
     c = vm["client"]
-    p = c.open_process(["sh", "-c", "i=0; while [ $i -lt 20000 ]; do echo line-$i; i=$((i+1)); done; "
-                                    "sleep 2; echo done"], id="noisy-1")
+    # The output never stops until the test says go: every reconnect lands mid-stream and the
+    # process cannot finish (and have its exit delivered) inside the loop on a fast machine.
+    p = c.open_process(["sh", "-c", "i=0; while [ ! -e /tmp/noisy-go ]; do echo line-$i; i=$((i+1)); done; "
+                                    "echo done"], id="noisy-1")
     assert p.recv(timeout=30)
     for _ in range(10):
         c.close()
         assert c.call("ping", timeout=60)["pong"] is True
         a = c.attach("noisy-1")
-        assert a.recv(timeout=30) or a.exit_status(30) is not None
+        assert a.recv(timeout=30)
     c.close()
+    run_ok(c, ["touch", "/tmp/noisy-go"])
     a = c.attach("noisy-1")
     tail = b""
     while (d := a.recv(timeout=60)):
