@@ -57,9 +57,10 @@ def spec_for(name: str) -> DomainSpec:
 
 
 def _fixed(spec: DomainSpec) -> DomainSpec:
-    # the uuid is random per sandbox; pin it for the golden comparison
+    # the uuid and generation id are random per VM; pin them for the golden comparison
     import dataclasses
-    return dataclasses.replace(spec, uuid="11111111-2222-3333-4444-555555555555")
+    return dataclasses.replace(spec, uuid="11111111-2222-3333-4444-555555555555",
+                               genid="66666666-7777-8888-9999-000000000000")
 
 
 @pytest.mark.parametrize("name", ["tcg-defaults", "tcg-nic-sized", "tcg-no-hotplug", "kvm-escaped"])

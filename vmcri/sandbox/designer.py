@@ -112,7 +112,7 @@ def dimm_mib(want_mib: int) -> int:
 
 def design(cfg: Config, *, sandbox_id: str, config: pb.PodSandboxConfig, sizing: Sizing,
            accel: AccelChoice, guest, paths: SandboxPaths, nic_mac: str | None = None,
-           nic_mtu: int = 0, role: str = "pod") -> DomainSpec:
+           nic_mtu: int = 0, role: str = "pod", extra_cmdline: str = "") -> DomainSpec:
     """`guest` is a vmcri.guestimage.GuestImage (kernel, initrd, rootfs, cmdline)."""
     md = config.metadata
     nic = NicSpec(mac=nic_mac, tap=tap_name(sandbox_id), mtu=nic_mtu) if nic_mac else None
@@ -120,6 +120,7 @@ def design(cfg: Config, *, sandbox_id: str, config: pb.PodSandboxConfig, sizing:
     return DomainSpec(
         name=domain_name(sandbox_id),
         uuid=str(uuidlib.uuid4()),
+        genid=str(uuidlib.uuid4()),
         metadata=SandboxMeta(sandbox_id=sandbox_id, pod_name=md.name, pod_namespace=md.namespace,
                              pod_uid=md.uid, attempt=md.attempt, role=role,
                              owner=cfg.root_dir),
@@ -133,7 +134,8 @@ def design(cfg: Config, *, sandbox_id: str, config: pb.PodSandboxConfig, sizing:
         kernel=guest.kernel,
         initrd=guest.initrd,
         root_disk=guest.rootfs,
-        cmdline=f"{guest.cmdline} {MEMORY_HOTPLUG_CMDLINE}" if max_mem else guest.cmdline,
+        cmdline=" ".join(filter(None, (guest.cmdline, MEMORY_HOTPLUG_CMDLINE if max_mem else "",
+                                       extra_cmdline))),
         agent_socket=paths.agent_socket,
         console_log=paths.console_log,
         share_dir=paths.share_dir,

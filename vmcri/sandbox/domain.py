@@ -64,6 +64,8 @@ class DomainSpec:
     share_tag: str = SHARE_TAG
     agent_port: str = AGENT_PORT
     nic: NicSpec | None = None
+    # VM generation id (vmgenid): a clone restored with a new one reseeds the guest's RNG
+    genid: str = "00000000-0000-0000-0000-000000000000"
     emulator: str = "/usr/bin/qemu-system-x86_64"
 
     def __post_init__(self):
