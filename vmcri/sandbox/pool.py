@@ -21,13 +21,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import jinja2
-import libvirt
 from cri_api.v1 import api_pb2 as pb
 
 from vmcri.errors import Unavailable
-from vmcri.sandbox import designer, hostfs
-from vmcri.sandbox.domain import METADATA_NS, NicSpec, SandboxMeta, render_domain
+from vmcri.sandbox import designer, hostfs, podvm
+from vmcri.sandbox.domain import SandboxMeta, render_domain
 from vmcri.sandbox.model import READY, now_ns
 from vmcri.store import dumps, loads
 
@@ -48,18 +46,6 @@ CREATE TABLE IF NOT EXISTS pool_vms (
 BOOTING = "BOOTING"
 CLAIM_PING_S = 5.0  # a pool VM whose agent does not answer this fast is dropped, not waited on
 MAX_BACKOFF_S = 60.0
-
-_templates = jinja2.Environment(loader=jinja2.PackageLoader("vmcri", "templates"),
-                                autoescape=True, undefined=jinja2.StrictUndefined)
-
-
-def render_nic(nic: NicSpec) -> str:
-    return _templates.get_template("pool_nic.xml.j2").render(nic=nic)
-
-
-def render_metadata(meta: SandboxMeta) -> str:
-    return _templates.get_template("pool_metadata.xml.j2").render(meta=meta, metadata_ns=METADATA_NS)
-
 
 @dataclass
 class PoolVM:
@@ -95,38 +81,17 @@ class WarmPool:
         return designer.size(self.svc.cfg, pb.LinuxPodSandboxConfig())
 
     def fits(self, sizing: designer.Sizing) -> bool:
-        """A pool VM is this shape, or can be grown to it (never shrunk: a smaller pod
-        boots cold rather than hold memory it did not ask for)."""
+        """A pool VM is this shape, or can be grown to it."""
         want = self.shape()
-        if (sizing.vcpus, sizing.memory_mib) == (want.vcpus, want.memory_mib):
-            return True
-        if sizing.vcpus < want.vcpus or sizing.memory_mib < want.memory_mib:
-            return False
-        if sizing.vcpus > self.svc.cfg.max_vcpus:
-            return False
-        if sizing.memory_mib == want.memory_mib:
-            return True
-        room = designer.max_memory_mib(self.svc.cfg, want.memory_mib)
-        return room >= want.memory_mib + designer.dimm_mib(sizing.memory_mib - want.memory_mib)
+        return designer.can_grow(self.svc.cfg, (want.vcpus, want.memory_mib), sizing)
 
     def _grow(self, vm: PoolVM, sizing: designer.Sizing) -> bool:
         """Resize a claimed VM to `sizing`; False when it did not get there."""
-        from vmcri.sandbox import sandbox_resize
         t0 = time.monotonic()
-        out = sandbox_resize.apply(
-            self.svc.hv, vm.domain, vm.client,
-            sizing.vcpus if sizing.vcpus != vm.vcpus else None,
-            sizing.memory_mib if sizing.memory_mib != vm.memory_mib else None)
-        if out.vcpus is not None:
-            vm.vcpus = out.vcpus
-        if out.memory_mib is not None:
-            vm.memory_mib = out.memory_mib
+        vm.vcpus, vm.memory_mib = podvm.grow(self.svc, vm.domain, vm.client,
+                                             (vm.vcpus, vm.memory_mib), sizing)
         vm.timings["grow"] = round(time.monotonic() - t0, 4)
-        ok = vm.vcpus >= sizing.vcpus and vm.memory_mib >= sizing.memory_mib
-        if not ok:
-            log.warning("warm pool: growing %s to %s failed (%s); the pod boots cold", vm.domain,
-                        sizing, "; ".join(out.not_applied))
-        return ok
+        return vm.vcpus >= sizing.vcpus and vm.memory_mib >= sizing.memory_mib
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -310,60 +275,3 @@ class WarmPool:
                 self.destroy(sandbox_id, name)
                 handled.add(sandbox_id)
         return handled
-
-
-def run_claimed(svc, vm: PoolVM, config: pb.PodSandboxConfig, rec, phase, timings: dict,
-                t_start: float) -> str:
-    """Turn a claimed pool VM into the pod `rec` (its row already inserted as CREATING).
-    Any failure destroys the VM: a claimed VM never goes back to the pool."""
-    from vmcri.sandbox.sandbox_run import _network_row, configure_guest
-    md = config.metadata
-    with svc.lock(rec.id), contextlib.ExitStack() as undo:
-        undo.callback(svc.table.delete, rec.id)
-        undo.callback(svc.pool.destroy, vm.id, vm.domain, vm.client)
-        svc.pool.forget(vm.id)
-        try:
-            meta = SandboxMeta(sandbox_id=rec.id, pod_name=md.name, pod_namespace=md.namespace,
-                               pod_uid=md.uid, attempt=md.attempt, role="pod",
-                               owner=svc.cfg.root_dir)
-            try:
-                svc.hv.set_metadata(vm.domain, render_metadata(meta), "vmcri", METADATA_NS)
-            except libvirt.libvirtError as e:
-                raise Unavailable(f"pool VM {vm.domain} could not be claimed: {e}") from e
-            t = phase("claim", t_start)
-            if "grow" in vm.timings:  # resized to fit this pod inside claim()
-                timings["grow"] = vm.timings["grow"]
-
-            net = None
-            if svc.network is not None and svc.cfg.cni_conf_dir:
-                net = svc.network.setup(rec.id, md.name, md.namespace, md.uid,
-                                        list(config.port_mappings), config.dns_config)
-                undo.callback(svc.network.teardown, rec.id, net.netns_path)
-                svc.table.update(rec.id, netns=net.netns_path, network=_network_row(net))
-                t = phase("network", t)
-                if net.interfaces:
-                    nic = NicSpec(mac=net.interfaces[0]["mac"], tap=designer.tap_name(rec.id),
-                                  mtu=getattr(net, "mtu", 0) or 0)
-                    try:
-                        svc.hv.attach_device(vm.domain, render_nic(nic))
-                    except libvirt.libvirtError as e:
-                        raise Unavailable(f"hot-plugging the pod NIC into {vm.domain} failed: {e}") from e
-                    svc.network.attach_tap(net.netns_path, nic.tap)
-                    t = phase("nic-hotplug", t)
-
-            client = vm.client
-            configure_guest(client, config, net)
-            phase("configure", t)
-        except BaseException:
-            log.warning("RunPodSandbox %s (%s/%s) from the warm pool failed; destroying the VM",
-                        rec.id[:12], md.namespace, md.name)
-            raise
-        # growing happened inside claim(), before t_start: it is part of this pod's start
-        timings["total"] = round(time.monotonic() - t_start + timings.get("grow", 0), 4)
-        svc.table.update(rec.id, state=READY, timings=timings,
-                         host_key=client.host_key_fingerprint or "")
-        svc.set_agent(rec.id, client)
-        undo.pop_all()
-    log.info("pod %s/%s claimed warm VM %s, ready in %.2fs %s", md.namespace, md.name,
-             vm.domain, timings["total"], timings)
-    return rec.id

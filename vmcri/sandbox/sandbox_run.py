@@ -1,20 +1,17 @@
-"""RunPodSandbox: reserve the row, then build the VM step by step; every step
+"""RunPodSandbox: reserve the row, then get the VM and wire it step by step; every step
 registers its undo on an ExitStack, so a failure anywhere leaves nothing."""
 from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 import sqlite3
 import time
 
-import libvirt
 from cri_api.v1 import api_pb2 as pb
 
 from vmcri.container.ocispec import sandbox_sysctls
-from vmcri.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
-from vmcri.sandbox import designer, hostfs
-from vmcri.sandbox.domain import render_domain
+from vmcri.errors import AlreadyExists, InvalidArgument, Unavailable
+from vmcri.sandbox import designer, hostfs, podvm
 from vmcri.sandbox.model import CREATING, READY, SandboxRecord, now_ns
 
 log = logging.getLogger(__name__)
@@ -30,8 +27,12 @@ def validate(config: pb.PodSandboxConfig) -> None:
             raise InvalidArgument(f"config.metadata.{field}: must not be empty")
         if len(getattr(md, field)) > 253:
             raise InvalidArgument(f"config.metadata.{field}: longer than 253 characters")
-    if config.hostname and (len(config.hostname) > 64 or any(c in config.hostname for c in " /\n\t\0")):
-        raise InvalidArgument(f"config.hostname: {config.hostname[:80]!r} is not a valid hostname")
+    from vmcri.agent import protocol
+    if config.hostname:
+        try:  # the guest's own rule, so that the guest never refuses what passed here
+            protocol.validate("set_hostname", {"hostname": config.hostname})
+        except protocol.ProtocolError as e:
+            raise InvalidArgument(f"config.{e}") from None
     ns = config.linux.security_context.namespace_options
     for field in ("network", "pid", "ipc"):
         if getattr(ns, field) == pb.NamespaceMode.NODE:
@@ -53,125 +54,91 @@ def validate(config: pb.PodSandboxConfig) -> None:
         for i, value in enumerate(getattr(config.dns_config, field)):
             if not value or any(c.isspace() for c in value):
                 raise InvalidArgument(f"config.dns_config.{field}[{i}]: {value!r} is not valid")
-    from vmcri.agent import protocol
     try:
         protocol.validate("set_sysctls", {"sysctls": dict(config.linux.sysctls)})
     except protocol.ProtocolError as e:
         raise InvalidArgument(f"config.linux.{e}") from None
 
 
-def _guest_image(svc):
-    from vmcri import guestimage
-    image = guestimage.locate(svc.cfg)
-    if image is None:
-        raise FailedPrecondition(f"no guest image at {svc.cfg.guest_dir}: run `vmcri image build`")
-    return image
-
-
 def run_pod_sandbox(svc, config: pb.PodSandboxConfig, runtime_handler: str = "") -> str:
+    """Reserve the row, get a VM from a source (podvm.reserve), wire the network, configure
+    the guest, commit. Every step registers its undo, so a failure leaves nothing."""
     validate(config)
     if runtime_handler not in RUNTIME_HANDLERS:
         # an unknown handler is a RuntimeClass mistake worth surfacing, not guessing at
         raise InvalidArgument(f"runtime_handler: {runtime_handler!r} is not configured "
                               f"(vmcri serves \"\" and \"vmcri\")")
-    guest = _guest_image(svc)
+    podvm.guest_image(svc)  # FAILED_PRECONDITION before anything is reserved
     md = config.metadata
     sizing = designer.size(svc.cfg, config.linux)
-    pool = getattr(svc, "pool", None)
-    warm = pool.claim(sizing) if pool is not None else None  # None: boot cold
-    sandbox_id = warm.id if warm is not None else secrets.token_hex(32)
-    paths = svc.paths(sandbox_id)
+    timings = _Timings(svc.metrics)  # a pool VM grown for this pod is part of its start
+    ticket = podvm.reserve(svc, sizing)
     rec = SandboxRecord(
-        id=sandbox_id, name=md.name, namespace=md.namespace, uid=md.uid, attempt=md.attempt,
-        state=CREATING, created_ns=now_ns(), domain=designer.domain_name(sandbox_id),
+        id=ticket.id, name=md.name, namespace=md.namespace, uid=md.uid, attempt=md.attempt,
+        state=CREATING, created_ns=now_ns(), domain=designer.domain_name(ticket.id),
         config=config.SerializeToString(), runtime_handler=runtime_handler,
         labels=dict(config.labels), annotations=dict(config.annotations),
         resources={"vcpus": sizing.vcpus, "memory_mib": sizing.memory_mib,
-                   "sizing": sizing.source, "accel": svc.accel.name})
-    if warm is not None:
-        rec.resources["source"] = "pool"
-        # a grown pool VM may hold a little more memory than asked (whole DIMMs)
-        rec.resources.update(vcpus=warm.vcpus, memory_mib=warm.memory_mib)
+                   "sizing": sizing.source, "accel": svc.accel.name, "source": ticket.source})
     try:
         svc.table.insert(rec)  # the intent, before any side effect
     except sqlite3.IntegrityError:
-        if warm is not None:
-            pool.give_back(warm)  # untouched: nothing of this pod reached it
+        ticket.cancel(svc)
         raise AlreadyExists(f"pod sandbox name {md.name}_{md.namespace}_{md.uid}_{md.attempt} "
                             f"is already reserved")
-    timings: dict[str, float] = {}
-    t_start = time.monotonic()
-
-    def phase(name: str, since: float) -> float:
-        now = time.monotonic()
-        timings[name] = round(now - since, 4)
-        if svc.metrics is not None:
-            svc.metrics.observe_sandbox_phase(name, now - since)
-        return now
-
-    if warm is not None:
-        from vmcri.sandbox.pool import run_claimed
-        return run_claimed(svc, warm, config, rec, phase, timings, t_start)
-    with svc.lock(sandbox_id), contextlib.ExitStack() as undo:
-        undo.callback(svc.table.delete, sandbox_id)
+    with svc.lock(ticket.id), contextlib.ExitStack() as undo:
+        undo.callback(svc.table.delete, ticket.id)
         try:
-            # 1. dirs and the shared 9p mount
-            hostfs.prepare_vm_dirs(paths, undo)
-            t = phase("prepare", t_start)
-
-            # 2. network namespace and CNI
-            net = None
-            if svc.network is not None and svc.cfg.cni_conf_dir:
-                net = svc.network.setup(sandbox_id, md.name, md.namespace, md.uid,
-                                        list(config.port_mappings), config.dns_config)
-                undo.callback(svc.network.teardown, sandbox_id, net.netns_path)
-                svc.table.update(sandbox_id, netns=net.netns_path, network=_network_row(net))
-                t = phase("network", t)
-
-            # 3. the VM
-            mac = net.interfaces[0]["mac"] if net and net.interfaces else None
-            spec = designer.design(svc.cfg, sandbox_id=sandbox_id, config=config, sizing=sizing,
-                                   accel=svc.accel, guest=guest, paths=paths, nic_mac=mac,
-                                   nic_mtu=getattr(net, "mtu", 0) or 0 if net else 0)
-            xml = render_domain(spec)
-            try:
-                svc.hv.create(xml)
-            except libvirt.libvirtError as e:
-                raise Unavailable(f"libvirt could not start the pod VM: {e}") from e
-            undo.callback(svc.hv.destroy, spec.name)
-            t = phase("define", t)
+            net = _network(svc, ticket.id, config, undo)
             if net is not None:
-                svc.network.attach_tap(net.netns_path, spec.nic.tap)
-                t = phase("tap", t)
-
-            # 4. the agent
-            client = svc.new_client(sandbox_id)
-            undo.callback(client.close)
-            try:
-                client.wait_ready(timeout=svc.cfg.agent_timeout_s)
-            except Exception as e:
-                alive = svc.hv.is_running(spec.name)
-                raise DeadlineExceeded(
-                    f"the pod VM's agent did not answer within {svc.cfg.agent_timeout_s:.0f}s "
-                    f"({'VM running' if alive else 'VM is gone'}): {e}\n"
-                    f"--- guest console (tail) ---\n{hostfs.console_tail(paths.console_log)}") from e
-            t = phase("agent", t)
-
-            # 5. identity and network inside the guest
-            configure_guest(client, config, net)
-            t = phase("configure", t)
+                timings.mark("network")
+            vm = ticket.start(svc, config, sizing, net, undo, timings.mark)
+            configure_guest(vm.client, config, net)
+            timings.mark("configure")
         except BaseException:
-            log.warning("RunPodSandbox %s (%s/%s) failed; rolling back", sandbox_id[:12],
+            log.warning("RunPodSandbox %s (%s/%s) failed; rolling back", ticket.id[:12],
                         md.namespace, md.name)
             raise
-        timings["total"] = round(time.monotonic() - t_start, 4)
-        svc.table.update(sandbox_id, state=READY, timings=timings,
-                         host_key=client.host_key_fingerprint or "")
-        svc.set_agent(sandbox_id, client)
+        resources = dict(rec.resources, vcpus=vm.vcpus, memory_mib=vm.memory_mib, source=vm.source)
+        svc.table.update(ticket.id, state=READY, timings=timings.done(), resources=resources,
+                         host_key=vm.client.host_key_fingerprint or "")
+        svc.set_agent(ticket.id, vm.client)
         undo.pop_all()
-    log.info("pod %s/%s is VM %s, ready in %.2fs %s", md.namespace, md.name, rec.domain,
-             timings["total"], timings)
-    return sandbox_id
+    log.info("pod %s/%s is VM %s (%s), ready in %.2fs %s", md.namespace, md.name, vm.domain,
+             vm.source, timings.values["total"], timings.values)
+    return ticket.id
+
+
+class _Timings:
+    """Phase durations of one RunPodSandbox, each observed into the metrics as it ends."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+        self.values: dict[str, float] = {}
+        self.t0 = self.last = time.monotonic()
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.values[name] = round(now - self.last, 4)
+        if self.metrics is not None:
+            self.metrics.observe_sandbox_phase(name, now - self.last)
+        self.last = now
+
+    def done(self) -> dict:
+        self.values["total"] = round(time.monotonic() - self.t0, 4)
+        return self.values
+
+
+def _network(svc, sandbox_id: str, config: pb.PodSandboxConfig, undo):
+    """CNI ADD in a new netns (None when CNI is off); its undo is CNI DEL."""
+    if svc.network is None or not svc.cfg.cni_conf_dir:
+        return None
+    md = config.metadata
+    net = svc.network.setup(sandbox_id, md.name, md.namespace, md.uid,
+                            list(config.port_mappings), config.dns_config)
+    undo.callback(svc.network.teardown, sandbox_id, net.netns_path)
+    svc.table.update(sandbox_id, netns=net.netns_path, network=_network_row(net))
+    return net
 
 
 def _network_row(net) -> dict:
@@ -179,10 +146,12 @@ def _network_row(net) -> dict:
             "mtu": getattr(net, "mtu", 0) or 0}
 
 
-def configure_guest(client, config: pb.PodSandboxConfig, net) -> None:
+def configure_guest(client, config: pb.PodSandboxConfig, net, sandbox_id: str = "") -> None:
     """The pod's identity, DNS, NIC and sysctls inside its VM (cold boot or warm pool)."""
+    from vmcri.agent.protocol import ProtocolError
     from vmcri.channel import AgentError
-    hostname = config.hostname or config.metadata.name
+    from vmcri.sandbox.hostname import pod_hostname
+    hostname = pod_hostname(config, sandbox_id)
     ips = [ip["address"].split("/")[0] for ip in (net.ips if net else [])]
     dns = config.dns_config
     try:
@@ -199,6 +168,8 @@ def configure_guest(client, config: pb.PodSandboxConfig, net) -> None:
                         routes=net.routes, mtu=getattr(net, "mtu", 0) or 0)
     except AgentError as e:
         raise Unavailable(f"configuring the guest failed: {e}") from e
+    except ProtocolError as e:  # refused before it left the host: the pod's own input
+        raise InvalidArgument(f"config: {e}") from e
     sysctls = sandbox_sysctls(config)  # guest-wide: the VM is the pod
     if sysctls:
         try:
