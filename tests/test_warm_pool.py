@@ -377,11 +377,11 @@ def test_pool_is_off_by_default():
 
 
 def test_fragments_escape_and_round_trip_the_metadata():
-    from vmcri.sandbox import pool
+    from vmcri.sandbox import domain
     from vmcri.sandbox.domain import METADATA_NS, NicSpec, SandboxMeta
     meta = SandboxMeta(sandbox_id="a" * 64, pod_name="x<y", pod_namespace="ns", pod_uid="u",
                        attempt=2, role="pod", owner="/var/lib/vmcri")
-    xml = f"<domain><metadata>{pool.render_metadata(meta)}</metadata></domain>"
+    xml = f"<domain><metadata>{domain.render_metadata(meta)}</metadata></domain>"
     assert parse_metadata(xml) == meta and METADATA_NS in xml
-    nic = pool.render_nic(NicSpec(mac="02:42:0a:00:00:02", tap="vmcriaaaaaaaa", mtu=1450))
+    nic = domain.render_nic(NicSpec(mac="02:42:0a:00:00:02", tap="vmcriaaaaaaaa", mtu=1450))
     assert "02:42:0a:00:00:02" in nic and "vmcriaaaaaaaa" in nic and "1450" in nic

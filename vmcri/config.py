@@ -52,6 +52,11 @@ class Config:
     # Warm pool (docs/warm-pool.md): pod VMs of the default shape booted ahead of time.
     pool_size: int = 0
     pool_max_concurrent_boots: int = 1
+    # VM templates (docs/operating.md "VM templates"): pod VMs restored from a saved, booted
+    # guest instead of booting. false: every pod VM boots (no memory shared between pods).
+    vm_template: bool = False
+    # "lazy": built in the background when the first pod VM is asked for; "start": at daemon start
+    vm_template_build: str = "lazy"
 
     cni_conf_dir: str = "/etc/cni/net.d"
     cni_bin_dirs: list[str] = field(default_factory=lambda: ["/opt/cni/bin", "/usr/lib/cni"])
@@ -192,6 +197,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"default_memory_mib: {cfg.default_memory_mib} is below min_memory_mib {cfg.min_memory_mib}")
     if not 0 <= cfg.pool_size <= 64:
         raise ConfigError(f"pool_size: {cfg.pool_size} is not within 0..64")
+    if cfg.vm_template_build not in ("lazy", "start"):
+        raise ConfigError(f"vm_template_build: {cfg.vm_template_build!r} is not lazy or start")
     if not 1 <= cfg.pool_max_concurrent_boots <= 16:
         raise ConfigError(f"pool_max_concurrent_boots: {cfg.pool_max_concurrent_boots} is not within 1..16")
     if cfg.default_vcpus > cfg.max_vcpus:

@@ -49,6 +49,10 @@ class Runtime:
         self.sandboxes = SandboxService(self.cfg, self.store, self.hv, self.accel,
                                         network=self.network, metrics=self.metrics)
         self.metrics.track_sandbox_states(self.sandboxes.table)
+        from vmcri.sandbox.template import TemplateStore
+        self.templates = self.sandboxes.templates = TemplateStore(self.sandboxes,
+                                                                  self.cfg.vm_template)
+        self.metrics.track_templates(self.templates.snapshot)
         from vmcri.sandbox.pool import WarmPool
         self.pool = self.sandboxes.pool = WarmPool(self.sandboxes, self.cfg.pool_size,
                                                    self.cfg.pool_max_concurrent_boots)
@@ -123,7 +127,8 @@ class Runtime:
             "runDir": self.cfg.run_dir, "guestImageDir": self.cfg.guest_dir,
             "cniConfDir": self.cfg.cni_conf_dir, "cniBinDirs": self.cfg.cni_bin_dirs,
             "cniConfTemplate": self.cfg.cni_conf_template, "podCIDR": self.pod_cidr,
-        }), "pool": json.dumps(self.pool.snapshot())}
+        }), "pool": json.dumps(self.pool.snapshot()),
+            "vmTemplate": json.dumps(self.templates.snapshot())}
 
     def set_pod_cidr(self, pod_cidr: str) -> None:
         """The kubelet's node pod CIDR: rendered into a CNI config when a template is set;
@@ -164,6 +169,9 @@ def bind_unix(server: grpc.Server, path: str) -> None:
 def serve(cfg: Config) -> None:
     runtime = Runtime(cfg)
     runtime.reconcile()
+    runtime.templates.prune()  # other guest images' or shapes' templates, half-written ones
+    if cfg.vm_template_build == "start":
+        runtime.templates.ready()  # starts the build in the background
     runtime.pool.start()  # after reconcile: adopted VMs count towards the pool size
     grpc_errors.rpc_observers.append(runtime.metrics.observe_rpc)
     if cfg.metrics_port:

@@ -52,6 +52,10 @@ class Metrics:
         """Warm-pool gauges and counters, read from `snapshot()` (WarmPool.snapshot) at scrape time."""
         self.registry.register(_PoolCollector(snapshot))
 
+    def track_templates(self, snapshot) -> None:
+        """VM-template gauges and counters, read from TemplateStore.snapshot at scrape time."""
+        self.registry.register(_TemplateCollector(snapshot))
+
     def serve(self, address: str, port: int):
         return start_http_server(port, addr=address, registry=self.registry)
 
@@ -77,6 +81,28 @@ class _PoolCollector:
                                 value=snap.get("size", 0))
         events = CounterMetricFamily("vmcri_pool_events", "Warm-pool events since daemon start",
                                      labels=["event"])
+        for key in self.COUNTERS:
+            events.add_metric([key], snap.get(key, 0))
+        yield events
+
+
+class _TemplateCollector:
+    # TemplateStore.stats keys, exported as vmcri_vm_template_events_total{event=...}
+    COUNTERS = ("built", "build_failures", "reused", "cloned", "clone_failures", "fallbacks")
+
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+    def describe(self):
+        return []  # collected at scrape time only
+
+    def collect(self):
+        snap = self.snapshot()
+        yield GaugeMetricFamily("vmcri_vm_template_ready",
+                                "1 when a VM template is ready to clone from",
+                                value=1 if snap.get("ready") else 0)
+        events = CounterMetricFamily("vmcri_vm_template_events",
+                                     "VM-template events since daemon start", labels=["event"])
         for key in self.COUNTERS:
             events.add_metric([key], snap.get(key, 0))
         yield events

@@ -105,6 +105,18 @@ def max_memory_mib(cfg: Config, memory_mib: int) -> int:
     return memory_mib + (cfg.max_memory_mib - memory_mib) // DIMM_ALIGN_MIB * DIMM_ALIGN_MIB
 
 
+def can_grow(cfg: Config, have: tuple[int, int], want: Sizing) -> bool:
+    """Whether a running VM of `have` (vcpus, memory_mib) can be hot-plugged up to `want`;
+    never shrunk: a smaller pod would hold memory it did not ask for."""
+    vcpus, memory = have
+    if want.vcpus < vcpus or want.memory_mib < memory or want.vcpus > cfg.max_vcpus:
+        return False
+    if want.memory_mib == memory:
+        return True
+    room = max_memory_mib(cfg, memory)
+    return room >= memory + dimm_mib(want.memory_mib - memory)
+
+
 def dimm_mib(want_mib: int) -> int:
     """The DIMM size that adds at least `want_mib`."""
     return max(1, math.ceil(want_mib / DIMM_ALIGN_MIB)) * DIMM_ALIGN_MIB

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import jinja2
 
+from vmcri.agent.protocol import PORT_NAME as AGENT_PORT
+from vmcri.agent.protocol import SHARE_TAG
+
 METADATA_NS = "https://vmcri.dev/xmlns/sandbox/1"
-AGENT_PORT = "vmcri.agent"
-SHARE_TAG = "vmcri-share"
 DOMAIN_PREFIX = "vmcri-"
 
 _env = jinja2.Environment(
@@ -84,6 +85,16 @@ class DomainSpec:
 
 def render_domain(spec: DomainSpec) -> str:
     return _env.get_template("domain.xml.j2").render(spec=spec, metadata_ns=METADATA_NS)
+
+
+def render_nic(nic: NicSpec) -> str:
+    """An <interface> for attachDeviceFlags: the pod NIC of a pool VM or a template clone."""
+    return _env.get_template("nic.xml.j2").render(nic=nic)
+
+
+def render_metadata(meta: SandboxMeta) -> str:
+    """vmcri's metadata element alone, for setMetadata on a running domain."""
+    return _env.get_template("metadata.xml.j2").render(meta=meta, metadata_ns=METADATA_NS)
 
 
 def render_dimm(size_mib: int) -> str:

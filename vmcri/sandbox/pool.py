@@ -146,9 +146,10 @@ class WarmPool:
         log.info("warm pool: VM %s ready in %.2fs", vm.domain, vm.timings.get("total", 0))
 
     def _boot(self) -> PoolVM:
-        from vmcri.sandbox.sandbox_run import _guest_image
+        """One pool VM of the pool's shape: cloned from the VM template when there is one
+        (a refill then costs a restore, not a boot), else booted."""
         svc, cfg = self.svc, self.svc.cfg
-        guest = _guest_image(svc)
+        guest = podvm.guest_image(svc)
         vm_id = secrets.token_hex(32)
         sizing = self.shape()
         paths = svc.paths(vm_id)
@@ -162,13 +163,15 @@ class WarmPool:
             undo.callback(self._delete_row, vm.id)
             hostfs.prepare_vm_dirs(paths, undo)
             config = pb.PodSandboxConfig(metadata=pb.PodSandboxMetadata())
-            spec = designer.design(cfg, sandbox_id=vm.id, config=config, sizing=sizing,
-                                   accel=svc.accel, guest=guest, paths=paths, role="pool")
-            svc.hv.create(render_domain(spec))
-            undo.callback(svc.hv.destroy, vm.domain)
-            client = svc.new_client(vm.id)
-            undo.callback(client.close)
-            client.wait_ready(timeout=cfg.agent_timeout_s)
+            client = self._clone(vm, config, sizing, undo)
+            if client is None:
+                spec = designer.design(cfg, sandbox_id=vm.id, config=config, sizing=sizing,
+                                       accel=svc.accel, guest=guest, paths=paths, role="pool")
+                svc.hv.create(render_domain(spec))
+                undo.callback(svc.hv.destroy, vm.domain)
+                client = svc.new_client(vm.id)
+                undo.callback(client.close)
+                client.wait_ready(timeout=cfg.agent_timeout_s)
             vm.client, vm.host_key = client, client.host_key_fingerprint or ""
             vm.timings = {"total": round(time.monotonic() - t0, 4)}
             self.store.execute("UPDATE pool_vms SET state = ?, host_key = ?, timings = ? WHERE id = ?",
@@ -177,6 +180,27 @@ class WarmPool:
                 raise Unavailable("the daemon is stopping")
             undo.pop_all()
         return vm
+
+    def _clone(self, vm: PoolVM, config, sizing, undo):
+        """The agent client of `vm` restored from the VM template; None without one."""
+        templates = getattr(self.svc, "templates", None)
+        tpl = templates.ready() if templates is not None else None
+        if tpl is None or not designer.can_grow(self.svc.cfg, (tpl.vcpus, tpl.memory_mib), sizing):
+            return None
+        try:
+            templates.restore(tpl, vm.id)
+        except Exception as e:
+            log.warning("warm pool: cloning the VM template failed (%s); booting", e)
+            templates.stats["fallbacks"] += 1
+            return None
+        undo.callback(self.svc.hv.destroy, vm.domain)
+        meta = podvm.pod_meta(self.svc, vm.id, config, role="pool")
+        client = podvm.start_clone(self.svc, vm.id, vm.domain, tpl, meta, undo)
+        vm.vcpus, vm.memory_mib = podvm.grow(self.svc, vm.domain, client,
+                                             (tpl.vcpus, tpl.memory_mib), sizing)
+        if (vm.vcpus, vm.memory_mib) != (sizing.vcpus, sizing.memory_mib):
+            raise Unavailable(f"the clone {vm.domain} did not grow to the pool's shape")
+        return client
 
     # -- claim ----------------------------------------------------------------
     def claim(self, sizing: designer.Sizing) -> PoolVM | None:

@@ -165,6 +165,14 @@ class Hypervisor:
         """Start a transient domain (it vanishes from libvirt when destroyed)."""
         return self.conn().createXML(xml, 0)
 
+    def save(self, name: str, path: str) -> None:
+        """Save the running domain's state to `path`; the domain is gone afterwards."""
+        self._live(name).save(path)
+
+    def restore(self, path: str) -> None:
+        """Start the domain a save image describes (its XML, as the image holds it), running."""
+        self.conn().restoreFlags(path, None, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+
     def lookup(self, name: str) -> libvirt.virDomain | None:
         try:
             return self.conn().lookupByName(name)
