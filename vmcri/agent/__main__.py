@@ -69,9 +69,11 @@ def load_handlers() -> dict:
     A new family of calls (e.g. containers via crun) is a new `handlers_<area>.py` with a
     HANDLERS dict, listed here, plus its validators in protocol.METHODS.
     """
-    from . import handlers_container, handlers_metrics, handlers_resources, handlers_system
+    from . import (handlers_clone, handlers_container, handlers_metrics, handlers_resources,
+                   handlers_system)
     handlers = {}
-    for mod in (handlers_system, handlers_container, handlers_resources, handlers_metrics):
+    for mod in (handlers_system, handlers_container, handlers_resources, handlers_metrics,
+                handlers_clone):
         clash = set(handlers) & set(mod.HANDLERS)
         if clash:
             raise RuntimeError(f"handler registered twice: {sorted(clash)}")
@@ -133,7 +135,7 @@ def dev_main(path: str) -> None:
     agent.procs = procs.ProcessTable(agent.reaper)
     agent.handlers = {k: v for k, v in load_handlers().items()
                       if k not in ("set_hostname", "configure_nic", "write_etc", "set_sysctls",
-                                   "set_cpus_online")}
+                                   "set_cpus_online", "clone_init")}
     agent.handlers["shutdown"] = lambda agent, params: (threading.Timer(0.2, os._exit, (0,)).start(),
                                                         {"powering_off": True})[1]
     server.serve_unix(agent, path)

@@ -76,8 +76,21 @@ def enable_controllers(cgroot: str) -> None:
         print(f"vmcri-agent: enabling cgroup controllers failed: {e}", flush=True)
 
 
-def mount_share_if_present() -> bool:
-    """Mount the 9p share (tag SHARE_TAG) at SHARE_MOUNT; needs the late 9p modules."""
+def booted_as_template() -> bool:
+    """A VM template's guest (kernel cmdline vmcri.template=1) waits for clone_init."""
+    try:
+        with open("/proc/cmdline") as f:
+            return "vmcri.template=1" in f.read().split()
+    except OSError:
+        return False
+
+
+def mount_share_if_present(template: bool | None = None) -> bool:
+    """Mount the 9p share (tag SHARE_TAG) at SHARE_MOUNT; needs the late 9p modules.
+    A template guest leaves it for clone_init: QEMU cannot save a guest whose 9p export
+    is mounted."""
+    if booted_as_template() if template is None else template:
+        return False
     base = "/sys/bus/virtio/drivers/9pnet_virtio"
     try:
         devs = os.listdir(base)

@@ -308,6 +308,20 @@ def _container_update(p):
     return out
 
 
+_HEX_RE = re.compile(r"^[0-9a-f]*$")
+
+
+def _clone_init(p):
+    seed = _str("seed", p.get("seed"), 1024)
+    if len(seed) % 2 or len(seed) < 64 or not _HEX_RE.match(seed):
+        raise ProtocolError("seed: expected 32..512 bytes as lowercase hex")
+    machine_id = _str("machine_id", p.get("machine_id"), 32)
+    if len(machine_id) != 32 or not _HEX_RE.match(machine_id):
+        raise ProtocolError("machine_id: expected 32 lowercase hex digits")
+    return {"time_ns": _int("time_ns", p.get("time_ns"), 0, 2**63 - 1), "seed": seed,
+            "machine_id": machine_id}
+
+
 METHODS = {
     "ping": _no_params,
     "info": _no_params,
@@ -328,6 +342,7 @@ METHODS = {
     "set_sysctls": _set_sysctls,
     "container_update": _container_update,
     "set_cpus_online": _set_cpus_online,
+    "clone_init": _clone_init,
 }
 
 
