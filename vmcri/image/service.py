@@ -4,6 +4,7 @@ Business logic only; vmcri.cri.images maps it to CRI protos. Errors are vmcri.er
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v2+json")
 LAYER_TYPES = ("application/vnd.oci.image.layer.v1.tar",
                "application/vnd.oci.image.layer.v1.tar+gzip",
+               "application/vnd.oci.image.layer.v1.tar+zstd",
                "application/vnd.docker.image.rootfs.diff.tar.gzip",
                "application/vnd.docker.image.rootfs.diff.tar")
 PLATFORM = ("linux", "amd64")
@@ -130,6 +132,7 @@ class ImageService:
         self.pulls_done = 0          # pulls that really ran (not joined); for tests/metrics
         self.last_phases: dict[str, float] = {}   # seconds per phase of the last pull
         self._usage: tuple[float, int, tuple[int, int]] | None = None
+        self._writable_usage: tuple[float, tuple[int, int]] | None = None
         # fn(image_id) -> ids of containers whose rootfs uses it; set by the daemon
         self.users_of = None
 
@@ -422,4 +425,18 @@ class ImageService:
             self._usage = (now, key, self.store.usage())
         used, inodes = self._usage[2]
         return {"mountpoint": self.cfg.image_store_dir, "used_bytes": used,
+                "inodes_used": inodes, "timestamp_ns": time.time_ns()}
+
+    def writable_fs_info(self) -> dict:
+        """Bytes and inodes of the containers' writable layers (their overlay upper dirs,
+        in each sandbox's host-only state dir), as containerd 1.7+ and CRI-O report
+        ImageFsInfo.container_filesystems. Cached like fs_info."""
+        from vmcri.image.store import tree_usage
+        now = time.monotonic()
+        if self._writable_usage is None or now - self._writable_usage[0] > USAGE_CACHE_S:
+            uppers = glob.glob(os.path.join(glob.escape(self.cfg.sandboxes_dir),
+                                            "*", "containers", "*", "upper"))
+            self._writable_usage = (now, tree_usage(sorted(uppers)))
+        used, inodes = self._writable_usage[1]
+        return {"mountpoint": self.cfg.sandboxes_dir, "used_bytes": used,
                 "inodes_used": inodes, "timestamp_ns": time.time_ns()}

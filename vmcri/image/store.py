@@ -252,9 +252,16 @@ class ImageStore:
     # -- usage --------------------------------------------------------------------
     def usage(self) -> tuple[int, int]:
         """(bytes, inodes) used under the store root, each inode counted once."""
-        seen, used, inodes = set(), 0, 0
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            for name in [*dirnames, *filenames, ""] if dirpath == self.root else [*dirnames, *filenames]:
+        return tree_usage([self.root])
+
+
+def tree_usage(roots: list[str]) -> tuple[int, int]:
+    """(bytes, inodes) used under `roots` (each counted too), each inode once. Never
+    follows a symlink: the trees may hold guest-written files."""
+    seen, used, inodes = set(), 0, 0
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in [*dirnames, *filenames, ""] if dirpath == root else [*dirnames, *filenames]:
                 path = os.path.join(dirpath, name) if name else dirpath
                 try:
                     st = os.lstat(path)
@@ -266,4 +273,4 @@ class ImageStore:
                 seen.add(key)
                 used += st.st_blocks * 512
                 inodes += 1
-        return used, inodes
+    return used, inodes

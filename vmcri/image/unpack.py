@@ -17,7 +17,9 @@ import stat
 import tarfile
 import zlib
 
-from vmcri.errors import Unimplemented, VmcriError
+import zstandard
+
+from vmcri.errors import VmcriError
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -63,7 +65,8 @@ def _decompressed(f, peek: bytes):
     if peek[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=f, mode="rb")
     if peek == b"\x28\xb5\x2f\xfd":
-        raise Unimplemented("zstd-compressed layers are not supported yet")
+        # every frame: zstd:chunked and parallel encoders write many
+        return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
     return f
 
 
@@ -151,7 +154,7 @@ def _check_blob(blob: _HashingReader, digest: str) -> None:
 
 def unpack_layer(blob_path: str, dest: str, diff_id: str, lowers: list[str] = (),
                  blob_digest: str | None = None) -> int:
-    """Unpack `blob_path` (tar, tar+gzip) into the empty dir `dest`; `lowers` are the
+    """Unpack `blob_path` (tar, tar+gzip, tar+zstd) into the empty dir `dest`; `lowers` are the
     unpacked layers below it, top first (only hard links into them need those).
     With `blob_digest`, the compressed bytes are verified in the same pass.
     Returns the tar's uncompressed size; raises LayerError on a bad layer or digest."""
@@ -168,7 +171,8 @@ def unpack_layer(blob_path: str, dest: str, diff_id: str, lowers: list[str] = ()
                     _extract_member(tar, m, dest, dir_times, lowers)
             reader.drain()
             blob.drain()
-        except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError, zlib.error) as e:
+        except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError, zlib.error,
+                zstandard.ZstdError) as e:
             if blob_digest is not None:  # a bad digest explains a corrupt archive best
                 blob.drain()
                 _check_blob(blob, blob_digest)
