@@ -19,6 +19,13 @@ def image_to_proto(image: Image) -> pb.Image:
     return msg
 
 
+def _fs_usage(fs: dict) -> pb.FilesystemUsage:
+    return pb.FilesystemUsage(
+        timestamp=fs["timestamp_ns"], fs_id=pb.FilesystemIdentifier(mountpoint=fs["mountpoint"]),
+        used_bytes=pb.UInt64Value(value=fs["used_bytes"]),
+        inodes_used=pb.UInt64Value(value=fs["inodes_used"]))
+
+
 def _image_field(spec, field: str) -> str:
     name = spec.image if spec is not None else ""
     if not name:
@@ -54,13 +61,9 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
         return pb.RemoveImageResponse()
 
     def ImageFsInfo(self, request, context):
-        fs = self.images.fs_info()
-        usage = pb.FilesystemUsage(
-            timestamp=fs["timestamp_ns"],
-            fs_id=pb.FilesystemIdentifier(mountpoint=fs["mountpoint"]),
-            used_bytes=pb.UInt64Value(value=fs["used_bytes"]),
-            inodes_used=pb.UInt64Value(value=fs["inodes_used"]))
-        return pb.ImageFsInfoResponse(image_filesystems=[usage])
+        return pb.ImageFsInfoResponse(
+            image_filesystems=[_fs_usage(self.images.fs_info())],
+            container_filesystems=[_fs_usage(self.images.writable_fs_info())])
 
 
 try:  # the integrator's error mapping; plain methods raise vmcri.errors until it exists
