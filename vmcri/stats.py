@@ -1,5 +1,6 @@
 """Container and pod stats from the guest's cgroup v2 (through the agent), the
-host's upper dirs and libvirt; plus cAdvisor-named pod metrics.
+host's upper dirs and libvirt; the cAdvisor metrics are built from the same samples
+(vmcri/cadvisor.py).
 
 Agent replies are untrusted numbers: each is coerced to a bounded non-negative
 integer before it reaches a CRI message."""
@@ -10,6 +11,7 @@ import time
 
 from cri_api.v1 import api_pb2 as pb
 
+from vmcri import cadvisor
 from vmcri.container import rootfs
 
 U64 = (1 << 64) - 1
@@ -83,11 +85,13 @@ def container_stats(svc, rec, rates: CpuRate, sample: dict | None) -> pb.Contain
     stats.writable_layer.CopyFrom(pb.FilesystemUsage(
         timestamp=ts, fs_id=pb.FilesystemIdentifier(mountpoint=svc.cfg.root_dir),
         used_bytes=_uv(used), inodes_used=_uv(inodes)))
+    RECENT.put(rec.id, (rec, sample))
     return stats
 
 
 def sandbox_stats(sb, rates: CpuRate, sample: dict, containers: list[pb.ContainerStats]) -> pb.PodSandboxStats:
     ts = time.time_ns()
+    RECENT.put(sb.id, sample)
     linux = pb.LinuxPodSandboxStats(containers=containers)
     if sample:
         linux.cpu.CopyFrom(cpu_usage(rates, sb.id, ts, sample.get("cpu_usage_usec")))
@@ -109,55 +113,48 @@ def sandbox_stats(sb, rates: CpuRate, sample: dict, containers: list[pb.Containe
         linux=linux)
 
 
-# cAdvisor names, so dashboards built for containerd/CRI-O keep working.
-DESCRIPTORS = [
-    ("container_cpu_usage_seconds_total", "Cumulative cpu time consumed in seconds.", pb.MetricType.COUNTER),
-    ("container_memory_working_set_bytes", "Current working set in bytes.", pb.MetricType.GAUGE),
-    ("container_memory_usage_bytes", "Current memory usage in bytes, including all memory regardless of when it was accessed.", pb.MetricType.GAUGE),
-    ("container_memory_rss", "Size of RSS in bytes.", pb.MetricType.GAUGE),
-    ("container_network_receive_bytes_total", "Cumulative count of bytes received.", pb.MetricType.COUNTER),
-    ("container_network_transmit_bytes_total", "Cumulative count of bytes transmitted.", pb.MetricType.COUNTER),
-    ("container_network_receive_errors_total", "Cumulative count of errors encountered while receiving.", pb.MetricType.COUNTER),
-    ("container_network_transmit_errors_total", "Cumulative count of errors encountered while transmitting.", pb.MetricType.COUNTER),
-]
-LABELS = {"container_network_receive_bytes_total": ["interface"],
-          "container_network_transmit_bytes_total": ["interface"],
-          "container_network_receive_errors_total": ["interface"],
-          "container_network_transmit_errors_total": ["interface"]}
+class RecentSamples:
+    """The last agent sample per container or pod id, with its record: ListPodSandboxMetrics
+    builds its metrics from the samples its ListPodSandboxStats pass has just taken, without
+    asking every guest a second time. Bounded in age and count."""
+
+    MAX_AGE_S = 60.0
+    MAX_ENTRIES = 8192
+
+    def __init__(self):
+        self._items: dict[str, tuple[float, object]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: str, value) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._items[key] = (now, value)
+            if len(self._items) > self.MAX_ENTRIES:
+                for k in [k for k, (t, _) in self._items.items() if now - t > self.MAX_AGE_S]:
+                    del self._items[k]
+                while len(self._items) > self.MAX_ENTRIES:
+                    del self._items[next(iter(self._items))]
+
+    def get(self, key: str):
+        with self._lock:
+            item = self._items.get(key)
+        if item is None or time.monotonic() - item[0] > self.MAX_AGE_S:
+            return None
+        return item[1]
+
+
+RECENT = RecentSamples()
 
 
 def metric_descriptors() -> list[pb.MetricDescriptor]:
-    return [pb.MetricDescriptor(name=n, help=h, label_keys=["id", "name", "image"] + LABELS.get(n, []))
-            for n, h, _ in DESCRIPTORS]
+    return cadvisor.descriptors()
 
 
 def pod_metrics(stats: pb.PodSandboxStats) -> pb.PodSandboxMetrics:
-    ts = time.time_ns()
-    kind = {n: t for n, _, t in DESCRIPTORS}
-
-    def metric(name, value, labels):
-        return pb.Metric(name=name, timestamp=ts, metric_type=kind[name], label_values=labels,
-                         value=pb.UInt64Value(value=_u(value)))
-
-    def common(s, labels):
-        out = [metric("container_cpu_usage_seconds_total",
-                      s.cpu.usage_core_nano_seconds.value // 1_000_000_000, labels),
-               metric("container_memory_working_set_bytes", s.memory.working_set_bytes.value, labels),
-               metric("container_memory_usage_bytes", s.memory.usage_bytes.value, labels),
-               metric("container_memory_rss", s.memory.rss_bytes.value, labels)]
-        return out
-
-    linux = stats.linux
-    pod_labels = [stats.attributes.id, "POD", ""]
-    metrics = common(linux, pod_labels)
-    for iface in linux.network.interfaces:
-        lv = pod_labels + [iface.name]
-        metrics += [metric("container_network_receive_bytes_total", iface.rx_bytes.value, lv),
-                    metric("container_network_transmit_bytes_total", iface.tx_bytes.value, lv),
-                    metric("container_network_receive_errors_total", iface.rx_errors.value, lv),
-                    metric("container_network_transmit_errors_total", iface.tx_errors.value, lv)]
-    cms = [pb.ContainerMetrics(container_id=c.attributes.id,
-                               metrics=common(c, [c.attributes.id, c.attributes.metadata.name, ""]))
-           for c in linux.containers]
-    return pb.PodSandboxMetrics(pod_sandbox_id=stats.attributes.id, metrics=metrics,
-                                container_metrics=cms)
+    """The cAdvisor metrics of a pod whose stats were just taken (see RecentSamples)."""
+    containers = []
+    for c in stats.linux.containers:
+        rec, sample = RECENT.get(c.attributes.id) or (None, None)
+        if rec is not None:
+            containers.append(cadvisor.container_metrics(rec, c, sample, stats.attributes.metadata))
+    return cadvisor.pod_metrics(stats, RECENT.get(stats.attributes.id), containers)

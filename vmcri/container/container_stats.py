@@ -25,7 +25,9 @@ def _each(fn, items: list) -> list:
         return list(ex.map(fn, items))
 
 
-def _agent_sample(svc, sandbox, method: str, **params) -> dict | None:
+def _agent_sample(svc, sandbox, method: str, raise_unknown: bool = False, **params) -> dict | None:
+    """The agent's reply, or None. raise_unknown: an agent that does not know `method`
+    raises its AgentError instead (the caller has an older call to fall back on)."""
     from vmcri.channel import AgentError
     if sandbox is None or sandbox.state != "READY":
         return None
@@ -35,6 +37,8 @@ def _agent_sample(svc, sandbox, method: str, **params) -> dict | None:
     try:
         reply = svc.sandboxes.agent(sandbox).call(method, timeout=10, **params)
     except AgentError as e:
+        if raise_unknown and "unknown method" in str(e):
+            raise
         log.info("%s from %s: %s (no samples from it for %.0fs)", method, sandbox.id[:12], e,
                  FAILED_SAMPLE_BACKOFF_S)
         for sid in [k for k, t in _failed_at.items() if now - t > FAILED_SAMPLE_BACKOFF_S]:
@@ -45,9 +49,26 @@ def _agent_sample(svc, sandbox, method: str, **params) -> dict | None:
     return reply if isinstance(reply, dict) else None
 
 
+# Pods whose agent predates container_metrics (booted before an upgrade) get container_stats.
+_legacy_agents: set[str] = set()
+
+
+def _container_sample(svc, sb, rec) -> dict | None:
+    from vmcri.channel import AgentError
+    if sb is None or sb.id in _legacy_agents:
+        return _agent_sample(svc, sb, "container_stats", id=rec.id)
+    try:
+        return _agent_sample(svc, sb, "container_metrics", raise_unknown=True, id=rec.id)
+    except AgentError:
+        if len(_legacy_agents) > 4096:
+            _legacy_agents.clear()
+        _legacy_agents.add(sb.id)
+        return _agent_sample(svc, sb, "container_stats", id=rec.id)
+
+
 def one_container(svc, rec):
     sb = svc.sandboxes.find(rec.sandbox_id)
-    sample = _agent_sample(svc, sb, "container_stats", id=rec.id) if rec.state == "RUNNING" else None
+    sample = _container_sample(svc, sb, rec) if rec.state == "RUNNING" else None
     return st.container_stats(svc, rec, _rates, sample)
 
 
