@@ -169,15 +169,19 @@ class HostEngine:
             shutil.rmtree(d, ignore_errors=True)
 
     # -- processes ----------------------------------------------------------------------
-    def _process_file(self, container_id: str, argv: list[str], cwd: str, tty: bool) -> str:
+    def _process_file(self, container_id: str, argv: list[str], cwd: str,
+                      process: dict | None = None) -> str:
         """The exec'd process: the container's own process (user, groups, capabilities,
-        no_new_privs, rlimits, env, apparmor) with another argv; crun applies the
-        container's seccomp, namespaces and cgroup."""
-        process = dict(self._spec(container_id)["process"])
+        no_new_privs, rlimits, env), given or read from its config.json, with another
+        argv; crun applies the container's seccomp, namespaces and cgroup. terminal is
+        off: a tty exec gets a pty as its stdio from stream.LocalChannel."""
+        base = process if process is not None else self._spec(container_id)["process"]
+        process = json.loads(json.dumps(base))
         process.update(args=list(argv), terminal=False)
         process.pop("consoleSize", None)
         if cwd:
             process["cwd"] = cwd
+        spec_mod.fit_process(process)
         path = os.path.join(self.bundle_of(container_id), f"exec-{secrets.token_hex(8)}.json")
         with open(path, "w") as f:
             json.dump(process, f)
@@ -188,8 +192,9 @@ class HostEngine:
                                  *(["--pid-file", pid_file] if pid_file else []), container_id)
 
     def exec_sync(self, container_id: str, argv: list[str], cwd: str = "",
-                  timeout: float = 3600, max_output: int = 16 << 20) -> tuple[int, bytes, bytes]:
-        proc_file = self._process_file(container_id, argv, cwd, tty=False)
+                  timeout: float = 3600, max_output: int = 16 << 20,
+                  process: dict | None = None) -> tuple[int, bytes, bytes]:
+        proc_file = self._process_file(container_id, argv, cwd, process)
         pid_file = proc_file[:-5] + ".pid"
         try:
             chan = stream.LocalChannel(self.exec_argv(container_id, proc_file, pid_file),
@@ -223,9 +228,9 @@ class HostEngine:
             pass
 
     def open_exec(self, container_id: str, argv: list[str], tty: bool = False,
-                  stdin: bool = False, cwd: str = ""):
+                  stdin: bool = False, cwd: str = "", process: dict | None = None):
         """A streaming exec (a ProcessStream). With tty, the process's stdio is a pty."""
-        proc_file = self._process_file(container_id, argv, cwd, tty)
+        proc_file = self._process_file(container_id, argv, cwd, process)
         chan = stream.LocalChannel(self.exec_argv(container_id, proc_file), tty=tty, stdin=stdin)
         threading.Thread(target=_unlink_when_done, args=(chan, proc_file), daemon=True).start()
         return stream.process_stream(chan)

@@ -62,7 +62,7 @@ def _own_oom_score_adj() -> int:
         return 0
 
 
-def _without_host_modes(msg):
+def without_host_modes(msg):
     """A copy whose NODE namespace modes read as the defaults: the shared validation
     (made for VM pods) refuses NODE, and adjust() sets the namespaces from the original."""
     copy = type(msg)()
@@ -80,23 +80,29 @@ def build(container_id: str, config: pb.ContainerConfig, sandbox_config: pb.PodS
     """config.json for a host container; pod: the sandbox's row (sandbox.setup()), with
     "target_pid" set when the container targets another's PID namespace."""
     paths = host_paths(pod["etc"], pod["shm"], pod.get("cgroup_parent", ""))
-    spec = ocispec.build_spec(container_id, _without_host_modes(config),
-                              _without_host_modes(sandbox_config), image_config,
+    spec = ocispec.build_spec(container_id, without_host_modes(config),
+                              without_host_modes(sandbox_config), image_config,
                               rootfs_path="rootfs", guest_paths=paths,
                               read_image_file=read_image_file, sandbox_id=sandbox_id)
     return adjust(spec, pod, config.linux.security_context, cgroups)
+
+
+def fit_process(process: dict) -> dict:
+    """Capabilities the host's bounding set lacks left out; oomScoreAdj not below ours."""
+    host_caps = _bounding_set()
+    caps = process.get("capabilities") or {}
+    for key, names in list(caps.items()):
+        caps[key] = [c for c in names if c in host_caps]
+    if "oomScoreAdj" in process:
+        process["oomScoreAdj"] = max(int(process["oomScoreAdj"]), _own_oom_score_adj())
+    return process
 
 
 def adjust(spec: dict, pod_ns: dict, sec: pb.LinuxContainerSecurityContext,
            cgroups: str) -> dict:
     linux = spec["linux"]
     linux["namespaces"] = namespaces(pod_ns, sec)
-    host_caps = _bounding_set()
-    caps = spec["process"].get("capabilities") or {}
-    for key, names in list(caps.items()):
-        caps[key] = [c for c in names if c in host_caps]
-    process = spec["process"]
-    process["oomScoreAdj"] = max(int(process.get("oomScoreAdj", 0)), _own_oom_score_adj())
+    fit_process(spec["process"])
     if cgroups == "hybrid":
         linux.get("resources", {}).pop("unified", None)
         linux.get("resources", {}).pop("hugepageLimits", None)
