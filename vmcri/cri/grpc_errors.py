@@ -7,6 +7,7 @@ import time
 
 import grpc
 
+from vmcri.cri.admission import gated
 from vmcri.errors import VmcriError
 
 log = logging.getLogger("vmcri.cri")
@@ -69,15 +70,16 @@ def unimplemented(name: str, why: str):
 
 
 def wrap_all(cls, base, pending: dict[str, str]):
-    """Make every RPC of `base` answer: implemented ones wrapped by `handle`,
-    the rest (listed in `pending` with a reason) UNIMPLEMENTED."""
+    """Make every RPC of `base` answer: implemented ones wrapped by `handle` (slow ones
+    behind their servicer's `slow_lane`, see admission.py), the rest (listed in `pending`
+    with a reason) UNIMPLEMENTED."""
     for name, member in vars(base).items():
         if name.startswith("_") or not callable(member):
             continue
         own = cls.__dict__.get(name)
         if own is not None:
             if not getattr(own, "_vmcri_stream", False):
-                setattr(cls, name, handle(own))
+                setattr(cls, name, handle(gated(own, name)))
         else:
             setattr(cls, name, unimplemented(name, pending.get(name, "not supported")))
     return cls
