@@ -141,15 +141,28 @@ class Runtime:
         self.store.close()
 
 
-def build_server(runtime: Runtime, max_workers: int = 32) -> grpc.Server:
+# Server threads, and how many of them slow RPCs (admission.SLOW_RPCS) may never take:
+# those stay free for Status, Version, List* and the *Status calls the kubelet polls.
+MAX_WORKERS = 64
+RESERVED_FOR_FAST_RPCS = 16
+
+
+def build_server(runtime: Runtime, max_workers: int = MAX_WORKERS,
+                 reserved_fast: int = RESERVED_FOR_FAST_RPCS) -> grpc.Server:
+    """CRI v1 and v1alpha2 (same handlers) on one server."""
+    from vmcri.cri import admission, v1alpha2
     from vmcri.cri.images import ImageServicer
     from vmcri.cri.runtime import RuntimeServicer
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cri"),
                          options=[("grpc.max_receive_message_length", 16 * 1024 * 1024),
                                   ("grpc.max_send_message_length", 16 * 1024 * 1024)])
-    pb_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(runtime), server)
-    pb_grpc.add_ImageServiceServicer_to_server(ImageServicer(runtime.images), server)
+    runtime_servicer, image_servicer = RuntimeServicer(runtime), ImageServicer(runtime.images)
+    runtime_servicer.slow_lane = image_servicer.slow_lane = admission.sized(max_workers,
+                                                                            reserved_fast)
+    pb_grpc.add_RuntimeServiceServicer_to_server(runtime_servicer, server)
+    pb_grpc.add_ImageServiceServicer_to_server(image_servicer, server)
+    v1alpha2.add_to_server(server, runtime_servicer, image_servicer)
     return server
 
 
@@ -181,7 +194,7 @@ def serve(cfg: Config) -> None:
     runtime.streaming.start()
     log.info("streaming server on %s", runtime.streaming.base_url)
     bind_unix(server, cfg.socket_path)
-    log.info("vmcri serving CRI v1 on unix://%s (accel %s: %s)", cfg.socket_path,
+    log.info("vmcri serving CRI v1 and v1alpha2 on unix://%s (accel %s: %s)", cfg.socket_path,
              runtime.accel.name, runtime.accel.reason)
     stop = threading.Event()
 
