@@ -121,7 +121,9 @@ class NodeNetwork:
 
     NODE_IP, CLIENT_IP = "10.77.0.1", "10.77.0.2"
 
-    def __init__(self, base: str, subnet: str, bridge: str):
+    def __init__(self, base: str, subnet: str, bridge: str, packaged: bool = False):
+        """`packaged`: the default config scripts/run.sh installs (ipMasq on) instead of
+        the plain test one."""
         self.base, self.subnet, self.bridge = base, subnet, bridge
         self.ns_dir = os.path.join(base, "ns")
         self.net_name = "vmcri-" + bridge
@@ -140,13 +142,17 @@ class NodeNetwork:
         run_in(self.client, "ip", "route", "add", subnet, "via", self.NODE_IP)
         self.conf_dir, self.ipam_dir = os.path.join(base, "net.d"), os.path.join(base, "ipam")
         os.makedirs(self.conf_dir)
-        with open(os.path.join(self.conf_dir, "10-node.conflist"), "w") as f:
-            json.dump({"cniVersion": "1.0.0", "name": self.net_name, "plugins": [
+        if packaged:
+            conf = packaged_conflist(self.ipam_dir, bridge, subnet)
+            self.net_name = conf["name"]
+        else:
+            conf = {"cniVersion": "1.0.0", "name": self.net_name, "plugins": [
                 {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
                  "hairpinMode": True,
                  "ipam": {"type": "host-local", "dataDir": self.ipam_dir,
                           "ranges": [[{"subnet": subnet}]], "routes": [{"dst": "0.0.0.0/0"}]}},
-                {"type": "portmap", "capabilities": {"portMappings": True}}]}, f)
+                {"type": "portmap", "capabilities": {"portMappings": True}}]}
+        write_conflist(self.conf_dir, conf, "10-node.conflist")
 
     def daemon_config(self) -> str:
         return (f'cni_conf_dir = "{self.conf_dir}"\ncni_bin_dirs = ["{SYSTEM_CNI_BIN}"]\n'
@@ -169,6 +175,15 @@ class NodeNetwork:
         d = os.path.join(self.ipam_dir, self.net_name)
         return sorted(f for f in os.listdir(d) if f[0].isdigit()) if os.path.isdir(d) else []
 
+    def veths(self) -> list[str]:
+        """The pods' veth ends in the node netns (not the node's own n0 to the client)."""
+        out = run_in(self.node, "ip", "-j", "-d", "link", "show", "type", "veth").stdout
+        return sorted(link["ifname"] for link in json.loads(out or "[]") if link["ifname"] != "n0")
+
+    def iptables(self) -> dict[str, list[str]]:
+        """Chains and rules of the node's nat and filter tables."""
+        return iptables_footprint(self.node)
+
     def links(self) -> list[str]:
         """Every link name in the node netns (taps that strayed there would show)."""
         out = run_in(self.node, "ip", "-j", "link").stdout
@@ -178,3 +193,37 @@ class NodeNetwork:
         for ns in (self.client, self.node):  # the bridge, veths and DNAT rules go with them
             netns.delete_path(ns)
         netns.release_dir(self.ns_dir)
+
+
+PACKAGED_CONFLIST = os.path.join(os.path.dirname(__file__), "..", "..", "packaging", "cni",
+                                 "10-vmcri-bridge.conflist")
+
+
+def packaged_conflist(data_dir: str, bridge: str, subnet: str) -> dict:
+    """The default config scripts/run.sh installs (bridge with ipMasq, host-local, portmap),
+    changed only where a test must: its own bridge, subnet and lease dir."""
+    with open(PACKAGED_CONFLIST) as f:
+        conf = json.load(f)
+    plugin = conf["plugins"][0]
+    plugin["bridge"] = bridge
+    plugin["ipam"]["dataDir"] = data_dir
+    plugin["ipam"]["ranges"] = [[{"subnet": subnet}]]
+    return conf
+
+
+def write_conflist(conf_dir: str, conf: dict, name: str = "10-vmcri-bridge.conflist") -> None:
+    os.makedirs(conf_dir, exist_ok=True)
+    with open(os.path.join(conf_dir, name), "w") as f:
+        json.dump(conf, f)
+
+
+def iptables_footprint(ns_path: str | None = None) -> dict[str, list[str]]:
+    """`iptables -S` of the nat and filter tables (chains and rules), in `ns_path` or in the
+    netns this thread is in (a test's private one)."""
+    out = {}
+    for table in ("nat", "filter"):
+        argv = ["iptables", "-w", "-t", table, "-S"]
+        got = (run_in(ns_path, *argv) if ns_path else
+               subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60))
+        out[table] = sorted(got.stdout.splitlines())
+    return out

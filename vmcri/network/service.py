@@ -192,6 +192,15 @@ class NetworkService:
         prev = (entry or {}).get("result")
         return net, rt, prev if isinstance(prev, dict) else None
 
+    def _pod_cidrs(self, prev: dict, net: NetworkConfigList) -> list[str]:
+        """The addresses ADD gave the pod's interface (with prefix), from the cached result."""
+        try:
+            res = parse_result(prev, "", net.cni_version)
+        except (ValueError, TypeError) as e:
+            log.warning("cached CNI result unusable for the pod addresses: %s", e)
+            return []
+        return [ip["address"] for ip in res.ips]
+
     def _own_path(self, sandbox_id: str, netns_path: str | None) -> str:
         """Teardown unmounts the path, so it must be one of ours."""
         ours = self.netns_path(sandbox_id)
@@ -226,6 +235,8 @@ class NetworkService:
             net = None  # never attached and no config to DEL with: only the netns is left
         if net is not None:
             rt.netns = path if netns.exists(path) else ""  # spec: DEL may get no netns
+            if rt.netns and prev is not None:
+                tap.restore_addresses(path, self.ifname, self._pod_cidrs(prev, net))
             self.cni.delete(net, rt, prev)
         self.cache.remove(sandbox_id, self.ifname)
         netns.delete_path(path)

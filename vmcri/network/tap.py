@@ -8,12 +8,15 @@ Uses `ip`/`tc` run under `nsenter --net=PATH`; only their JSON output (`-j`) is 
 """
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import subprocess
 
 from vmcri import errors
 from vmcri.network.cni import check_ifname
 
+log = logging.getLogger(__name__)
 TOOL_TIMEOUT_S = 30.0
 
 
@@ -87,6 +90,21 @@ def attach(netns_path: str, tap_name: str, pod_ifname: str = "eth0", tap_netns: 
     _run(["ip", "addr", "flush", "dev", pod_ifname], netns_path)
     _redirect(pod_ifname, tap_name, netns_path)
     _redirect(tap_name, pod_ifname, netns_path)
+
+
+def restore_addresses(netns_path: str, pod_ifname: str, cidrs: list[str]) -> None:
+    """Put the pod IPs back on `pod_ifname` (attach flushed them) before CNI DEL: the bridge
+    plugin finds the ipMasq chain and rule to remove through the addresses it reads off
+    that device, and with none it removes neither. Best effort: DEL runs regardless."""
+    check_ifname(pod_ifname, "pod_ifname")
+    if link(pod_ifname, netns_path) is None:
+        return
+    for cidr in cidrs:
+        cidr = str(ipaddress.ip_interface(cidr))  # never an option to `ip`
+        proc = _run(["ip", "addr", "replace", cidr, "dev", pod_ifname], netns_path, check=False)
+        if proc.returncode != 0:
+            log.warning("restoring %s on %s in %s before CNI DEL: %s", cidr, pod_ifname,
+                        netns_path, proc.stderr.decode("utf-8", "replace").strip()[-500:])
 
 
 def detach(netns_path: str, tap_name: str, pod_ifname: str = "eth0") -> None:
