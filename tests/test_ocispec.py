@@ -9,7 +9,8 @@ import pathlib
 import pytest
 from cri_api.v1 import api_pb2 as cri
 
-from vmcri.container import ocispec
+from vmcri.agent import protocol
+from vmcri.container import ocispec, ocispec_process
 from vmcri.container.ocispec import GuestPaths, build_spec, resolve_args, merge_env
 from vmcri.errors import InvalidArgument
 
@@ -323,7 +324,8 @@ def test_privileged_vs_unprivileged():
     assert "maskedPaths" not in priv["linux"] and "readonlyPaths" not in priv["linux"]
     assert priv["linux"]["resources"]["devices"] == [{"allow": True, "access": "rwm"}]
     mounts = {m["destination"]: m for m in priv["mounts"]}
-    assert mounts["/dev"]["type"] == "bind" and mounts["/dev"]["source"] == "/dev"
+    # the pod's devices, which the agent prepares: never the guest's own /dev
+    assert mounts["/dev"]["type"] == "bind" and mounts["/dev"]["source"] == protocol.POD_DEV_DIR
     assert "ro" not in mounts["/sys"]["options"] and "ro" not in mounts["/sys/fs/cgroup"]["options"]
     plain_mounts = {m["destination"]: m for m in plain["mounts"]}
     assert plain_mounts["/dev"]["type"] == "tmpfs"
@@ -470,14 +472,55 @@ def test_resources_map_to_linux_resources():
 
 
 def test_namespaces_and_cgroup_path():
+    # no namespace_options at all is POD, the proto's zero value: the pod's PID namespace
     spec = build()
-    assert spec["linux"]["namespaces"] == [{"type": "mount"}, {"type": "pid"},
+    assert spec["linux"]["namespaces"] == [{"type": "mount"},
+                                           {"type": "pid", "path": protocol.POD_PID_NS},
                                            {"type": "cgroup"}]
     assert spec["linux"]["cgroupsPath"] == "/vmcri/sb-1/ctr-1"
     c = container()
-    c.linux.security_context.namespace_options.pid = cri.POD
-    types = [n["type"] for n in build(c)["linux"]["namespaces"]]
-    assert types == ["mount", "cgroup"]
+    c.linux.security_context.namespace_options.pid = cri.CONTAINER
+    assert build(c)["linux"]["namespaces"][1] == {"type": "pid"}
+    c.linux.security_context.namespace_options.pid = cri.TARGET
+    c.linux.security_context.namespace_options.target_id = "abc123"
+    assert build(c)["linux"]["namespaces"][1] == {
+        "type": "pid", "path": "/run/vmcri/ns/container/abc123/pid"}
+    c.linux.security_context.namespace_options.target_id = "../x"
+    with pytest.raises(InvalidArgument, match="namespace_options.target_id"):
+        build(c)
+
+
+def test_hugepage_page_size_is_checked():
+    c = container()
+    c.linux.resources.hugepage_limits.append(cri.HugepageLimit(page_size="2Mi", limit=0))
+    with pytest.raises(InvalidArgument, match=r"hugepage_limits\[0\].page_size"):
+        build(c)
+
+
+def test_run_as_group_without_user_is_refused_like_containerd():
+    c = container()
+    c.linux.security_context.run_as_group.value = 1000
+    with pytest.raises(InvalidArgument, match="run_as_group: user group is specified without user"):
+        build(c)
+    c.linux.security_context.run_as_username = "app"
+    assert build(c)["process"]["user"]["gid"] == 1000
+
+
+def test_exec_process_is_the_containers_with_the_exec_args():
+    c = container()
+    c.linux.security_context.run_as_user.value = 1000
+    c.linux.security_context.supplemental_groups.append(4242)
+    c.linux.security_context.no_new_privs = True
+    spec = build(c)
+    proc = ocispec_process.exec_process(spec["process"], ["id", "-u"], tty=True)
+    for key in ("user", "capabilities", "noNewPrivileges", "cwd", "oomScoreAdj"):
+        assert proc[key] == spec["process"][key]
+    assert proc["args"] == ["id", "-u"] and proc["terminal"] is True
+    assert proc["user"]["uid"] == 1000 and 4242 in proc["user"]["additionalGids"]
+    assert proc["env"][-1] == "TERM=xterm"
+    assert [e for e in proc["env"] if e != "TERM=xterm"] == \
+        [e for e in spec["process"]["env"] if not e.startswith("TERM=")]
+    assert spec["process"]["args"] != ["id", "-u"]  # the container's own is left alone
 
 
 def test_pod_sysctls_are_for_the_guest_not_the_container_spec():

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import time
 
-from . import pid1, protocol
+from . import pid1, podenv, protocol
 from .handlers_system import AgentCallError
 from .outstream import OutputSource
 
@@ -179,11 +179,13 @@ def container_create(agent, params):
     try:
         shutil.rmtree(state, ignore_errors=True)
         os.makedirs(state, mode=0o700)
-        _create(agent, entry, bundle, state)
+        config = podenv.prepare_spec(cid, spec, _pod_init(agent), lambda t: _target_pid(agent, t))
+        _create(agent, entry, bundle, config, state)
     except BaseException as e:
         agent.procs.forget(cid)
         entry.close_stdin()
         _crun(agent, "delete", "-f", cid)
+        podenv.release(cid)
         if isinstance(e, AgentCallError):
             raise
         if isinstance(e, OSError):
@@ -194,10 +196,26 @@ def container_create(agent, params):
     return {"id": cid, "pid": entry.pid}
 
 
-def _create(agent, entry: ContainerEntry, bundle: str, state: str) -> None:
+def _pod_init(agent) -> podenv.PodInit:
+    _ensure_subreaper()  # the pod init is the launcher's orphan: it must come to the agent
+    if getattr(agent, "pod_init", None) is None:
+        agent.pod_init = podenv.PodInit(agent)
+    return agent.pod_init
+
+
+def _target_pid(agent, target: str) -> int:
+    entry = agent.procs.get(target)
+    if not isinstance(entry, ContainerEntry) or entry.status is not None or entry.pid <= 0:
+        raise AgentCallError("NotFound", f"namespace_options.target_id: no running container "
+                                         f"{target!r} in this pod")
+    return entry.pid
+
+
+def _create(agent, entry: ContainerEntry, bundle: str, config: str, state: str) -> None:
     _ensure_subreaper()
     log, pidfile = os.path.join(state, "crun.log"), os.path.join(state, "pid")
-    argv = ["crun", f"--log=file:{log}", "create", "--bundle", bundle, "--pid-file", pidfile]
+    argv = ["crun", f"--log=file:{log}", "create", "--bundle", bundle, "--config", config,
+            "--pid-file", pidfile]
     close_after: list[int] = []
     listener = None
     try:
@@ -296,6 +314,7 @@ def container_delete(agent, params):
     if entry is not None:
         agent.procs.forget(cid)
         entry.close_stdin()
+    podenv.release(cid)
     return {"deleted": entry is not None}
 
 

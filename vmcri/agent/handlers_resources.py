@@ -8,6 +8,7 @@ import os
 import re
 import time
 
+from . import podenv
 from .handlers_container import _crun, _entry
 from .handlers_system import AgentCallError
 
@@ -18,10 +19,14 @@ def container_update(agent, params):
     entry = _entry(agent, params["id"])
     if entry.status is not None:
         raise AgentCallError("FailedPrecondition", f"id: container {entry.id!r} has exited")
+    resources = dict(params["resources"])
+    if "hugepageLimits" in resources:
+        resources["hugepageLimits"] = podenv.filter_hugepages(resources["hugepageLimits"],
+                                                              "resources.hugepageLimits")
     os.makedirs(UPDATE_DIR, mode=0o700, exist_ok=True)
     path = os.path.join(UPDATE_DIR, f"{entry.id}.json")
     with open(path, "w") as f:
-        json.dump(params["resources"], f)
+        json.dump(resources, f)
     try:
         rc, out = _crun(agent, "update", "--resources", path, entry.id)
     finally:

@@ -39,6 +39,10 @@ PORT_NAME = "vmcri.agent"
 SHARE_TAG = "vmcri-share"
 SHARE_MOUNT = "/run/vmcri/share"
 READY_MARKER = "VMCRI-AGENT-READY"
+# Placeholders of the OCI spec the host writes; the agent swaps in the real guest paths.
+POD_PID_NS = "/run/vmcri/ns/pod/pid"            # the pod's PID namespace (its pod init's)
+TARGET_PID_NS_PREFIX = "/run/vmcri/ns/container/"  # + <id>/pid: a container's PID namespace
+POD_DEV_DIR = "/run/vmcri/pod-dev"              # /dev of a privileged container: the pod's devices
 PHASE_PREFIX = "VMCRI-PHASE"
 
 MAX_REQUEST_BYTES = 30_000       # fits one SSH packet
@@ -187,10 +191,17 @@ def _configure_nic(p):
 
 
 def _run(p):
-    argv = _list("argv", p.get("argv"), 4096)
-    if not argv:
-        raise ProtocolError("argv: must not be empty")
-    out = {"argv": [_str(f"argv[{i}]", a, 16384, allow_empty=(i > 0)) for i, a in enumerate(argv)]}
+    if p.get("container_exec") is not None:
+        # exec in a container: the agent makes argv (crun exec --process ...)
+        if p.get("argv") is not None:
+            raise ProtocolError("argv: not allowed with container_exec")
+        out = {"container_exec": _container_exec(p["container_exec"], p.get("tty", False))}
+    else:
+        argv = _list("argv", p.get("argv"), 4096)
+        if not argv:
+            raise ProtocolError("argv: must not be empty")
+        out = {"argv": [_str(f"argv[{i}]", a, 16384, allow_empty=(i > 0))
+                        for i, a in enumerate(argv)]}
     env = p.get("env", {})
     if not isinstance(env, dict) or len(env) > 1024:
         raise ProtocolError("env: expected an object of at most 1024 NAME -> value")
@@ -210,6 +221,80 @@ def _run(p):
     return out
 
 
+_TOKEN_RE = re.compile(r"^[0-9a-f]{16}$")
+_CAP_RE = re.compile(r"^CAP_[A-Z_]{1,32}$")
+_PROCESS_KEYS = {"terminal", "user", "args", "env", "cwd", "capabilities", "noNewPrivileges",
+                 "oomScoreAdj", "rlimits", "apparmorProfile", "selinuxLabel"}
+EXEC_DIR = "/run/vmcri/exec"
+
+
+def exec_pid_file(token: str) -> str:
+    """Where `crun exec` of a container_exec writes the exec'd process's pid (ExecSync
+    kills it there on a timeout); removed when crun exec ends."""
+    return f"{EXEC_DIR}/{token}.pid"
+
+
+def _ints(field, v, max_items=256):
+    return [_int(f"{field}[{i}]", x, 0, (1 << 32) - 2) for i, x in enumerate(_list(field, v, max_items))]
+
+
+def _oci_process(field, p, tty):
+    """An OCI process object from the host's spec builder, type-checked key by key."""
+    if not isinstance(p, dict):
+        raise ProtocolError(f"{field}: expected an object")
+    for key in p:
+        if key not in _PROCESS_KEYS:
+            raise ProtocolError(f"{field}.{str(key)[:40]}: unknown field")
+    out = dict(p)
+    args = _list(f"{field}.args", p.get("args"), 4096)
+    if not args:
+        raise ProtocolError(f"{field}.args: must not be empty")
+    for i, a in enumerate(args):
+        _str(f"{field}.args[{i}]", a, 16384, allow_empty=i > 0)
+    for i, e in enumerate(_list(f"{field}.env", p.get("env", []), 4096)):
+        _str(f"{field}.env[{i}]", e, 65536, allow_empty=True)
+    if not _str(f"{field}.cwd", p.get("cwd"), 4096).startswith("/"):
+        raise ProtocolError(f"{field}.cwd: must be an absolute path")
+    if _bool(f"{field}.terminal", p.get("terminal", False)) != tty:
+        raise ProtocolError(f"{field}.terminal: must match tty ({tty})")
+    user = p.get("user")
+    if not isinstance(user, dict) or set(user) - {"uid", "gid", "additionalGids", "umask"}:
+        raise ProtocolError(f"{field}.user: expected an object with uid, gid, additionalGids")
+    for k in ("uid", "gid"):
+        _int(f"{field}.user.{k}", user.get(k), 0, (1 << 32) - 2)
+    _ints(f"{field}.user.additionalGids", user.get("additionalGids", []))
+    caps = p.get("capabilities", {})
+    if not isinstance(caps, dict) or set(caps) - {"bounding", "effective", "permitted",
+                                                   "inheritable", "ambient"}:
+        raise ProtocolError(f"{field}.capabilities: expected an object of capability sets")
+    for k, names in caps.items():
+        for i, c in enumerate(_list(f"{field}.capabilities.{k}", names, 64)):
+            if not isinstance(c, str) or not _CAP_RE.match(c):
+                raise ProtocolError(f"{field}.capabilities.{k}[{i}]: not a capability name")
+    _bool(f"{field}.noNewPrivileges", p.get("noNewPrivileges", False))
+    _int(f"{field}.oomScoreAdj", p.get("oomScoreAdj", 0), -1000, 1000)
+    for i, r in enumerate(_list(f"{field}.rlimits", p.get("rlimits", []), 64)):
+        if not isinstance(r, dict) or set(r) != {"type", "hard", "soft"}:
+            raise ProtocolError(f"{field}.rlimits[{i}]: expected type, hard and soft")
+        _str(f"{field}.rlimits[{i}].type", r["type"], 32)
+        _int(f"{field}.rlimits[{i}].hard", r["hard"], 0, (1 << 64) - 1)
+        _int(f"{field}.rlimits[{i}].soft", r["soft"], 0, (1 << 64) - 1)
+    for k in ("apparmorProfile", "selinuxLabel"):
+        if k in p:
+            _str(f"{field}.{k}", p[k], 4096, allow_empty=True)
+    return out
+
+
+def _container_exec(ce, tty):
+    if not isinstance(ce, dict) or set(ce) != {"id", "token", "process"}:
+        raise ProtocolError("container_exec: expected an object with id, token and process")
+    token = _str("container_exec.token", ce["token"], 16)
+    if not _TOKEN_RE.match(token):
+        raise ProtocolError("container_exec.token: expected 16 hex digits")
+    return {"id": check_id("container_exec.id", ce["id"]), "token": token,
+            "process": _oci_process("container_exec.process", ce["process"], tty)}
+
+
 def _attach(p):
     # live: output from now on only, leaving the replay buffer to the log pump (containers)
     out = {"id": check_id("id", p.get("id")), "stdin": _bool("stdin", p.get("stdin", False)),
@@ -226,6 +311,10 @@ def _attach(p):
 # -- containers (crun in the guest; handlers in handlers_container.py) ----------------
 
 _SYSCTL_RE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)+$")
+
+
+def target_pid_ns(container_id: str) -> str:
+    return f"{TARGET_PID_NS_PREFIX}{container_id}/pid"
 
 
 def container_bundle(container_id: str) -> str:
