@@ -363,10 +363,17 @@ class AgentClient:
             self.on_call(method, time.monotonic() - started)
         return result
 
-    def open_process(self, argv: list[str], env: dict | None = None, cwd: str = "/", tty: bool = False,
-                     stdin: bool = False, id: str | None = None, size: tuple[int, int] = (80, 24),
-                     timeout: float | None = None) -> ProcessStream:
-        params = {"argv": argv, "env": env or {}, "cwd": cwd, "tty": tty, "stdin": stdin}
+    def open_process(self, argv: list[str] | None, env: dict | None = None, cwd: str = "/",
+                     tty: bool = False, stdin: bool = False, id: str | None = None,
+                     size: tuple[int, int] = (80, 24), timeout: float | None = None,
+                     container_exec: dict | None = None) -> ProcessStream:
+        """A process in the guest: argv, or with container_exec ({"id", "token", "process"})
+        `crun exec` of that OCI process in a container (the agent makes the argv)."""
+        params = {"env": env or {}, "cwd": cwd, "tty": tty, "stdin": stdin}
+        if container_exec is not None:
+            params["container_exec"] = container_exec
+        else:
+            params["argv"] = argv
         if id is not None:
             params["id"] = id
         command = protocol.encode_request("run", params)
@@ -411,14 +418,20 @@ class AgentClient:
                 self._drop(str(e))
             raise AgentError(f"port-forward to {host}:{port} failed: {e}") from e
 
-    def run(self, argv: list[str], stdin: bytes | None = None, timeout: float | None = None,
-            env: dict | None = None, cwd: str = "/", max_output: int | None = None) -> tuple[int, bytes, bytes]:
+    def run(self, argv: list[str] | None, stdin: bytes | None = None, timeout: float | None = None,
+            env: dict | None = None, cwd: str = "/", max_output: int | None = None,
+            container_exec: dict | None = None) -> tuple[int, bytes, bytes]:
         """ExecSync-style: (exit code, stdout, stderr), each stream capped at max_output bytes
         (the rest is read and discarded). On timeout the process is killed and AgentTimeout raised."""
         cap = self.max_output if max_output is None else max_output
         deadline = time.monotonic() + (timeout if timeout is not None else self.call_timeout)
-        proc = self.open_process(argv, env=env, cwd=cwd, stdin=stdin is not None,
-                                 timeout=_remaining(deadline))
+        if argv is None:
+            argv = ["exec in " + container_exec["id"][:12]]  # for the messages only
+            proc = self.open_process(None, env=env, cwd=cwd, stdin=stdin is not None,
+                                     timeout=_remaining(deadline), container_exec=container_exec)
+        else:
+            proc = self.open_process(argv, env=env, cwd=cwd, stdin=stdin is not None,
+                                     timeout=_remaining(deadline))
         chan = proc.channel
         try:
             if stdin:

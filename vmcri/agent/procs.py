@@ -36,8 +36,9 @@ class Process(OutputSource):
     a pump has delivered its exit status."""
 
     def __init__(self, pid_id: str, reaper: Reaper, argv, env, cwd, tty: bool, want_stdin: bool,
-                 size: tuple[int, int] | None = None):
+                 size: tuple[int, int] | None = None, cleanup: list[str] = ()):
         super().__init__(pid_id, tty)
+        self._cleanup = list(cleanup)  # files of this process, removed once it exits
         full_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
         full_env.update(env)
         if tty:
@@ -73,6 +74,14 @@ class Process(OutputSource):
             self.start_reader(r_err, 2)
         reaper.watch(self.pid, self.on_exit)
 
+    def on_exit(self, status: int) -> None:
+        for path in self._cleanup:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        super().on_exit(status)
+
     @property
     def delivered(self) -> bool:
         return self.exit_sent
@@ -107,7 +116,8 @@ class ProcessTable:
         self._procs: dict[str, Process] = {}
         self._seq = 0
 
-    def start(self, params: dict, size: tuple[int, int] | None = None) -> Process:
+    def start(self, params: dict, size: tuple[int, int] | None = None,
+              cleanup: list[str] = ()) -> Process:
         with self._lock:
             self._gc()
             pid_id = params.get("id")
@@ -119,7 +129,7 @@ class ProcessTable:
             self._procs[pid_id] = None  # reserve
         try:
             proc = Process(pid_id, self.reaper, params["argv"], params["env"], params["cwd"],
-                           params["tty"], params["stdin"], size)
+                           params["tty"], params["stdin"], size, cleanup)
         except BaseException:
             with self._lock:
                 self._procs.pop(pid_id, None)

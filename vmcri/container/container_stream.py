@@ -1,9 +1,9 @@
 """The streaming server's backend over real pods: exec and attach become SSH
-channels to the guest agent, port-forward a direct-tcpip channel dialled inside
+channels to the guest agent (exec with the container's process identity, as ExecSync), port-forward a direct-tcpip channel dialled inside
 the guest (the pod IP lives in the VM, not in a host netns)."""
 from __future__ import annotations
 
-from vmcri.container.container_exec import container_cwd, crun_exec_argv
+from vmcri.container.container_exec import exec_request
 from vmcri.errors import FailedPrecondition, Unavailable
 
 
@@ -31,8 +31,8 @@ class RuntimeStreamingBackend:
         rec = self._running(container_id)
         try:
             return self.containers.agent_for(rec).open_process(
-                crun_exec_argv(rec.id, cmd, tty=tty, cwd=container_cwd(self.containers, rec)),
-                tty=tty, stdin=stdin)
+                None, tty=tty, stdin=stdin,
+                container_exec=exec_request(self.containers, rec, cmd, tty))
         except AgentError as e:
             raise Unavailable(f"exec in {rec.id[:12]}: {e}") from e
 
