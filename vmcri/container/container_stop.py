@@ -11,6 +11,7 @@ from vmcri.errors import NotFound
 from vmcri.sandbox.model import now_ns
 
 log = logging.getLogger(__name__)
+KILL_RESERVE_S = 3.0  # for SIGKILL, its confirmation and the reply before the caller's deadline
 
 
 def _stop_signal(rec) -> str:
@@ -39,7 +40,26 @@ def _wait_exited(svc, container_id: str, timeout: float) -> bool:
     return False
 
 
-def stop_container(svc, container_id: str, timeout: int) -> None:
+def call_deadline(context) -> float | None:
+    """The gRPC caller's deadline as a time.monotonic() value, None when it set none."""
+    try:
+        left = context.time_remaining()
+    except Exception:
+        return None
+    return None if left is None else time.monotonic() + left
+
+
+def _within(wanted: float, deadline: float | None, reserve: float) -> float:
+    """`wanted` seconds, cut so that `reserve` seconds are left before the deadline."""
+    if deadline is None:
+        return wanted
+    return max(0.0, min(wanted, deadline - time.monotonic() - reserve))
+
+
+def stop_container(svc, container_id: str, timeout: int, deadline: float | None = None) -> None:
+    """Stop signal, `timeout` s of grace, SIGKILL; the grace shrinks so SIGKILL comes in
+    time to answer before the caller's `deadline` (a monotonic time) rather than be
+    cancelled."""
     try:
         rec = svc.get(container_id)
     except NotFound:
@@ -59,12 +79,12 @@ def stop_container(svc, container_id: str, timeout: int) -> None:
     try:
         if timeout > 0:
             agent.call("container_kill", id=rec.id, signal=_stop_signal(rec))
-            if _wait_exited(svc, rec.id, timeout):
+            if _wait_exited(svc, rec.id, _within(timeout, deadline, KILL_RESERVE_S)):
                 return
         agent.call("container_kill", id=rec.id, signal="KILL")
     except AgentError as e:
         log.info("kill %s: %s", rec.id[:12], e)
-    if not _wait_exited(svc, rec.id, 10):
+    if not _wait_exited(svc, rec.id, _within(10, deadline, 0.5)):
         state = _guest_state(agent, rec.id)
         if state.get("status") == "stopped" or not state:
             mark_exited(svc, rec, exit_code=state.get("exit_code", 137))

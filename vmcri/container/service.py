@@ -62,9 +62,9 @@ class ContainerService:
         from vmcri.container.container_start import start_container
         start_container(self, container_id)
 
-    def stop(self, container_id: str, timeout: int) -> None:
+    def stop(self, container_id: str, timeout: int, deadline: float | None = None) -> None:
         from vmcri.container.container_stop import stop_container
-        stop_container(self, container_id, timeout)
+        stop_container(self, container_id, timeout, deadline)
 
     def remove(self, container_id: str) -> None:
         from vmcri.container.container_stop import remove_container

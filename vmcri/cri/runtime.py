@@ -89,7 +89,8 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         return pb.StartContainerResponse()
 
     def StopContainer(self, request, context):
-        self.rt.containers.stop(request.container_id, request.timeout)
+        from vmcri.container.container_stop import call_deadline
+        self.rt.containers.stop(request.container_id, request.timeout, call_deadline(context))
         return pb.StopContainerResponse()
 
     def RemoveContainer(self, request, context):
