@@ -16,14 +16,35 @@ def state_of(rec) -> int:
     return _STATE.get(rec.state, pb.ContainerState.CONTAINER_UNKNOWN)
 
 
+def _image_names(svc, rec) -> tuple[str, str]:
+    """(image, image_ref) as containerd reports them: the image's first tag (else what was
+    asked for) and its repo digest `repo@sha256:<manifest>` (else the image id), the one in
+    the asked-for repository first."""
+    from vmcri.errors import VmcriError
+    from vmcri.image import reference
+    images = getattr(svc, "images", None)
+    image = images.status(rec.image_id) if images is not None else None
+    if image is None:  # removed meanwhile, or no image service (unit tests)
+        return rec.image, rec.image_id
+    try:
+        repo = reference.parse(rec.image).name + "@"
+    except (VmcriError, ValueError):
+        repo = None
+    digests = sorted(image.repo_digests, key=lambda d: not (repo and d.startswith(repo)))
+    tags = image.repo_tags
+    return (tags[0] if tags else rec.image), (digests[0] if digests else rec.image_id)
+
+
 def to_status(svc, rec) -> pb.ContainerStatus:
     config = pb.ContainerConfig.FromString(rec.config)
     signal = rec.stop_signal if rec.stop_signal in pb.Signal.keys() else "RUNTIME_DEFAULT"
+    image, image_ref = _image_names(svc, rec)
     return pb.ContainerStatus(
         id=rec.id, metadata=config.metadata, state=state_of(rec), created_at=rec.created_ns,
         started_at=rec.started_ns, finished_at=rec.finished_ns, exit_code=rec.exit_code,
-        image=pb.ImageSpec(image=rec.image, annotations=dict(config.image.annotations)),
-        image_ref=rec.image_id, image_id=rec.image_id, reason=rec.reason, message=rec.message,
+        image=pb.ImageSpec(image=image, annotations=dict(config.image.annotations),
+                           user_specified_image=config.image.user_specified_image or rec.image),
+        image_ref=image_ref, image_id=rec.image_id, reason=rec.reason, message=rec.message,
         labels=rec.labels, annotations=rec.annotations, mounts=list(config.mounts),
         log_path=rec.log_path, stop_signal=pb.Signal.Value(signal),
         resources=pb.ContainerResources(linux=config.linux.resources))

@@ -5,7 +5,8 @@ import json
 
 from cri_api.v1 import api_pb2 as pb
 
-from vmcri.sandbox.model import READY, SandboxRecord
+from vmcri.errors import NotFound
+from vmcri.sandbox.model import CREATING, READY, SandboxRecord
 
 _STATE = {READY: pb.PodSandboxState.SANDBOX_READY}
 
@@ -76,13 +77,20 @@ def _config_json(rec: SandboxRecord) -> str:
 
 
 def status(svc, sandbox_id: str, verbose: bool):
-    rec = svc.refresh(svc.get(sandbox_id))
+    rec = svc.get(sandbox_id)
+    if rec.state == CREATING:  # as containerd: not a sandbox until RunPodSandbox returns it
+        raise NotFound(f"pod sandbox {sandbox_id!r} not found (it is still being created)")
+    rec = svc.refresh(rec)
     return to_status(svc, rec), (verbose_info(svc, rec) if verbose else {})
 
 
 def list_sandboxes(svc, flt: pb.PodSandboxFilter | None) -> list[pb.PodSandbox]:
     out = []
     for rec in svc.table.all():
+        if rec.state == CREATING:
+            # containerd adds a sandbox to its store only once it has started: a booting
+            # VM listed as NOTREADY would make the kubelet report a spurious ContainerDied
+            continue
         if flt is not None:
             if flt.id and not rec.id.startswith(flt.id):
                 continue
