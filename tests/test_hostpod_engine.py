@@ -387,3 +387,15 @@ def test_reopen_log(make_pod):
     _wait_for(lambda: os.path.exists(log_path) and os.path.getsize(log_path) > 0, what="two")
     assert [e[1] for e in _log_entries(log_path + ".1")] == [b"one"]
     assert [e[1] for e in _log_entries(log_path)] == [b"two"]
+
+
+def test_oom_kill_is_reported(make_pod):
+    pod = make_pod(ns={"network": pb.NamespaceMode.NODE})
+    cid, _ = pod.create(["sh", "-c", "sleep 0.5; head -c 200000000 /dev/zero | tail > /dev/null"])
+    spec_path = os.path.join(pod.dirs(cid).bundle, "config.json")
+    assert json.load(open(spec_path))["linux"]["cgroupsPath"].endswith(cid)
+    pod.engine.start(cid)
+    pod.engine.update(cid, {"memory": {"limit": 32 << 20, "swap": 32 << 20}})
+    final = pod.engine.wait(cid, timeout=60)
+    assert final["exit_code"] != 0
+    assert final["oom_killed"] is True
