@@ -399,3 +399,21 @@ def test_oom_kill_is_reported(make_pod):
     final = pod.engine.wait(cid, timeout=60)
     assert final["exit_code"] != 0
     assert final["oom_killed"] is True
+
+
+def test_exec_with_a_tty_made_in_the_container(make_pod):
+    pod = make_pod(ns={"network": pb.NamespaceMode.NODE})
+    cid, _ = pod.run(["sleep", "1000"])
+    _wait_for(lambda: pod.engine.state(cid)["status"] == "running", what="running")
+    proc = pod.engine.open_exec(cid, ["sh", "-c", "tty; read x; stty size; echo got-$x"],
+                                tty=True, stdin=True)
+    proc.resize(100, 30)
+    proc.send(b"typed\n")
+    out = b""
+    deadline = time.monotonic() + 20
+    while b"got-typed" not in out and time.monotonic() < deadline:
+        out += proc.channel.recv(4096)
+        time.sleep(0.02)
+    assert proc.exit_status(timeout=20) == 0
+    text = out.decode(errors="replace")
+    assert "/dev/pts/" in text and "30 100" in text and "got-typed" in text

@@ -170,14 +170,13 @@ class HostEngine:
 
     # -- processes ----------------------------------------------------------------------
     def _process_file(self, container_id: str, argv: list[str], cwd: str,
-                      process: dict | None = None) -> str:
+                      process: dict | None = None, tty: bool = False) -> str:
         """The exec'd process: the container's own process (user, groups, capabilities,
         no_new_privs, rlimits, env), given or read from its config.json, with another
-        argv; crun applies the container's seccomp, namespaces and cgroup. terminal is
-        off: a tty exec gets a pty as its stdio from stream.LocalChannel."""
+        argv; crun applies the container's seccomp, namespaces and cgroup."""
         base = process if process is not None else self._spec(container_id)["process"]
         process = json.loads(json.dumps(base))
-        process.update(args=list(argv), terminal=False)
+        process.update(args=list(argv), terminal=bool(tty))
         process.pop("consoleSize", None)
         if cwd:
             process["cwd"] = cwd
@@ -229,9 +228,19 @@ class HostEngine:
 
     def open_exec(self, container_id: str, argv: list[str], tty: bool = False,
                   stdin: bool = False, cwd: str = "", process: dict | None = None):
-        """A streaming exec (a ProcessStream). With tty, the process's stdio is a pty."""
-        proc_file = self._process_file(container_id, argv, cwd, process)
-        chan = stream.LocalChannel(self.exec_argv(container_id, proc_file), tty=tty, stdin=stdin)
+        """A streaming exec (a ProcessStream); with tty, on a pty crun makes in the container."""
+        proc_file = self._process_file(container_id, argv, cwd, process, tty)
+        if tty:
+            console = os.path.join(self.rt.socket_dir, f"console-{secrets.token_hex(6)}.sock")
+            argv_c = self.rt.crun_argv("exec", "--process", proc_file, "--console-socket", console,
+                                       container_id)
+            try:
+                chan = stream.ConsoleChannel(argv_c, console, stdin=stdin)
+            except OSError as e:
+                os.unlink(proc_file)
+                raise Unavailable(f"exec with a tty in {container_id[:12]}: {e}") from e
+        else:
+            chan = stream.LocalChannel(self.exec_argv(container_id, proc_file), tty=False, stdin=stdin)
         threading.Thread(target=_unlink_when_done, args=(chan, proc_file), daemon=True).start()
         return stream.process_stream(chan)
 

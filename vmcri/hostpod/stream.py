@@ -4,7 +4,8 @@ pods exactly as VM pods.
 ProcessStream and the streaming pumps use a small part of a paramiko Channel: recv /
 recv_stderr and their ready checks, a fileno() readable while data waits or after EOF,
 eof_received/closed, exit_status with status_event, sendall, shutdown_write and
-resize_pty. LocalChannel gives that over a local process (`crun exec`), AttachChannel
+resize_pty. LocalChannel gives that over a local process (`crun exec`), ConsoleChannel
+over a `crun exec` whose tty crun makes in the container, AttachChannel
 over conmon's attach socket (SEQPACKET; each packet from conmon starts with its pipe:
 2 stdout, 3 stderr; what the client sends is the container's stdin).
 """
@@ -18,6 +19,7 @@ import struct
 import subprocess
 import termios
 import threading
+import time
 
 from vmcri.channel import ProcessStream
 
@@ -216,3 +218,86 @@ class AttachChannel(_Buffered):
 
 def process_stream(chan, pid: int | None = None) -> ProcessStream:
     return ProcessStream(chan, {"pid": pid}, b"")
+
+
+class ConsoleChannel(_Buffered):
+    """`crun exec` of a process with terminal=true: crun makes the pty inside the
+    container (the process's controlling terminal, on the container's devpts) and hands
+    the master end over a unix socket (--console-socket)."""
+    ACCEPT_TIMEOUT_S = 30.0
+
+    def __init__(self, argv_with_socket, socket_path: str, stdin: bool):
+        super().__init__()
+        self._stdin = stdin
+        self._master = None
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(socket_path)
+            listener.listen(1)
+            self.proc = subprocess.Popen(argv_with_socket, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            self._master = self._receive_master(listener)
+        finally:
+            listener.close()
+            try:
+                os.unlink(socket_path)
+            except OSError:
+                pass
+        if self._master is None:
+            err = self.proc.stderr.read(2000).decode(errors="replace").strip() if self.proc.poll() is not None else ""
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            raise OSError(f"crun exec gave no console: {err or 'timed out'}")
+        threading.Thread(target=self._read, daemon=True, name="console").start()
+
+    def _receive_master(self, listener) -> int | None:
+        listener.settimeout(0.5)
+        deadline = time.monotonic() + self.ACCEPT_TIMEOUT_S
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                _, ancdata, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(4))
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(data) >= 4:
+                    return struct.unpack("i", data[:4])[0]
+            return None
+        return None
+
+    def _read(self):
+        while True:
+            try:
+                data = os.read(self._master, 65536)
+            except OSError:  # EIO: the last process holding the pty is gone
+                data = b""
+            if not data:
+                break
+            self._add(self._out, data)
+        code = self.proc.wait()
+        self._finish(code if code >= 0 else 128 - code)
+
+    def sendall(self, data):
+        if not self._stdin:
+            raise OSError("stdin was not requested")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._master, view):]
+
+    def shutdown_write(self):
+        if self._stdin:
+            os.write(self._master, b"\x04")  # ^D: EOF for the tty's reader
+
+    def resize_pty(self, width, height):
+        fcntl.ioctl(self._master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+    def close(self):
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._update_locked()
+        if self.proc.poll() is None:
+            self.proc.kill()
