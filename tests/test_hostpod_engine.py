@@ -80,11 +80,11 @@ class Pod:
         return ContainerDirs.make(self.paths.share_dir, self.paths.state_dir, cid)
 
     def create(self, command: list[str], log: bool = True, stdin: bool = False,
-               **sec) -> tuple[str, str]:
+               tty: bool = False, **sec) -> tuple[str, str]:
         cid = secrets.token_hex(32)
         config = pb.ContainerConfig(metadata=pb.ContainerMetadata(name=f"c{len(self.containers)}"),
                                     image=pb.ImageSpec(image=self.image_ref), command=command,
-                                    stdin=stdin, stdin_once=stdin)
+                                    stdin=stdin, stdin_once=stdin, tty=tty)
         ctx = config.linux.security_context
         for key, value in sec.items():
             if key == "drop":
@@ -103,7 +103,7 @@ class Pod:
         with open(os.path.join(dirs.bundle, "config.json"), "w") as f:
             json.dump(spec, f)
         log_path = os.path.join(self.paths.state_dir, f"{cid[:12]}.log") if log else ""
-        self.engine.create(cid, log_path=log_path, stdin=stdin, stdin_once=stdin)
+        self.engine.create(cid, log_path=log_path, stdin=stdin, stdin_once=stdin, tty=tty)
         return cid, log_path
 
     def run(self, command: list[str], **kw) -> tuple[str, str]:
@@ -417,3 +417,14 @@ def test_exec_with_a_tty_made_in_the_container(make_pod):
     assert proc.exit_status(timeout=20) == 0
     text = out.decode(errors="replace")
     assert "/dev/pts/" in text and "30 100" in text and "got-typed" in text
+
+
+def test_tty_container_logs_and_attach(make_pod):
+    pod = make_pod(ns={"network": pb.NamespaceMode.NODE})
+    cid, log_path = pod.run(["sh", "-c", "tty; read x; echo got-$x; exit 3"], stdin=True, tty=True)
+    proc = pod.engine.attach(cid, stdin=True)
+    proc.resize(90, 20)
+    proc.send(b"typed\n")
+    assert proc.exit_status(timeout=20) == 3
+    text = b" ".join(e[1] for e in _log_entries(log_path)).decode()
+    assert "/dev/pts/0" in text and "got-typed" in text
