@@ -7,7 +7,7 @@ import pytest
 
 from tests.support.fx_registry import free_port, push_layout
 from vmcri.config import Config, RegistryHost
-from vmcri.errors import InvalidArgument, Unauthenticated, Unavailable, VmcriError
+from vmcri.errors import InvalidArgument, Unauthenticated, Unavailable, Unimplemented, VmcriError
 from vmcri.image.service import ImageService
 from vmcri.store import Store
 
@@ -203,13 +203,102 @@ exec skopeo "$@"
     svc.pull(ref, auth={"username": "alice", "password": "s3cret"})
     with pytest.raises(Unauthenticated):
         svc.pull(ref, auth={"identity_token": "idtok-123"})
-    with pytest.raises(Unauthenticated):
+    # skopeo takes a registry token only on its command line: refused, never passed
+    with pytest.raises(Unimplemented, match="auth.registry_token"):
         svc.pull(ref, auth={"registry_token": "regtok-456"})
     args = (seen / "args").read_text()
-    assert "s3cret" not in args and "idtok-123" not in args
-    assert "--registry-token=regtok-456" in args
+    assert "s3cret" not in args and "idtok-123" not in args and "regtok-456" not in args
     assert set((seen / "modes").read_text().split()) == {"600"}
     files = [json.loads(line) for line in (seen / "authfiles").read_text().splitlines() if line]
     entries = [f["auths"].get(str(reg)) for f in files]
     assert {"auth": base64.b64encode(b"alice:s3cret").decode()} in entries
     assert any(e and e.get("identitytoken") == "idtok-123" for e in entries)
+
+
+class HeaderLoggingMirror:
+    """A loopback "mirror" that asks for Basic auth on every request and logs what it got.
+    While it holds each request it reads every process's command line for `secret`:
+    the real skopeo is connected to it then."""
+
+    def __init__(self, secret: str):
+        import http.server
+        import threading
+        self.requests: list[dict] = []
+        self.secret_in_argv: list[int] = []
+        mirror = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the stdlib's name
+                mirror.requests.append({"path": self.path,
+                                        "authorization": self.headers.get("Authorization")})
+                mirror.secret_in_argv += _pids_with_in_cmdline(secret.encode())
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="mirror"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            do_HEAD = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _pids_with_in_cmdline(needle: bytes) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if needle in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass  # gone meanwhile
+    return found
+
+
+@pytest.fixture
+def logging_mirror():
+    m = HeaderLoggingMirror("s3cret")
+    yield m
+    m.close()
+
+
+def test_a_mirror_gets_no_credentials_unless_configured(tmp_path, auth_registry, test_images,
+                                                        logging_mirror):
+    reg, ref = auth_registry
+    auth = {"username": "alice", "password": "s3cret"}
+    svc = make_service(tmp_path / "plain", registries={
+        str(reg): RegistryHost(mirrors=[logging_mirror.url])})
+    assert svc.pull(ref, auth=auth) == test_images.single.image_id  # from upstream
+    assert logging_mirror.requests, "skopeo never asked the mirror"
+    # skopeo answers a Basic challenge with empty credentials ("Og==" is ":") at most
+    assert {r["authorization"] for r in logging_mirror.requests} <= {None, "Basic Og=="}
+    assert logging_mirror.secret_in_argv == []
+
+    logging_mirror.requests.clear()
+    svc = make_service(tmp_path / "opted-in", registries={
+        str(reg): RegistryHost(mirrors=[logging_mirror.url],
+                               credential_mirrors=[logging_mirror.url])})
+    assert svc.pull(ref, auth=auth) == test_images.single.image_id
+    basic = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+    assert basic in [r["authorization"] for r in logging_mirror.requests]
+    assert logging_mirror.secret_in_argv == []  # the real skopeo's argv, while it was connected
+
+
+def test_credential_mirrors_must_be_mirrors():
+    from vmcri.config import ConfigError, from_dict
+    with pytest.raises(ConfigError, match="credential_mirrors"):
+        from_dict({"registries": {"r.example": {"mirrors": ["http://m:5000"],
+                                                "credential_mirrors": ["http://other:5000"]}}})
+    cfg = from_dict({"registries": {"r.example": {"mirrors": ["http://m:5000"],
+                                                  "credential_mirrors": ["http://m:5000"]}}})
+    from vmcri.image.reference import parse
+    from vmcri.image.transport import endpoints_for
+    assert [(e.host, e.credentials) for e in endpoints_for(cfg, parse("r.example/a/b:1"))] == \
+        [("m:5000", True), ("r.example", True)]

@@ -26,6 +26,9 @@ class RegistryHost:
     mirrors: list[str] = field(default_factory=list)
     insecure: bool = False  # plain HTTP or unverified TLS for the upstream host
     skip_upstream: bool = False
+    # Mirrors (each also in `mirrors`) that get the pull's credentials too. The others get
+    # none: credentials for a registry are that registry's, not every mirror's.
+    credential_mirrors: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -145,10 +148,17 @@ def _parse_registry(key: str, raw) -> RegistryHost:
                 if not m.startswith(("http://", "https://")):
                     raise ConfigError(f"{sub}: endpoint {m!r} must start with http:// or https://")
             reg.mirrors = list(v)
+        elif k == "credential_mirrors":
+            if not isinstance(v, list) or not all(isinstance(m, str) for m in v):
+                raise ConfigError(f"{sub}: expected a list of endpoint URLs")
+            reg.credential_mirrors = list(v)
         elif k in ("insecure", "skip_upstream"):
             setattr(reg, k, _check_type(sub, v, bool))
         else:
             raise ConfigError(f"{sub}: unknown key")
+    for m in reg.credential_mirrors:
+        if m not in reg.mirrors:
+            raise ConfigError(f"{key}.credential_mirrors: {m!r} is not one of the mirrors")
     return reg
 
 

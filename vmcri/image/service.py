@@ -163,7 +163,8 @@ class ImageService:
     def _pull(self, r: reference.Reference, creds: Credentials | None) -> str:
         started = time.monotonic()
         eps = endpoints_for(self.cfg, r)
-        session = Session(creds, [ep.host for ep in eps], self.store.staging_dir,
+        allowed = [ep.host for ep in eps if ep.credentials]  # never a mirror not opted in
+        session = Session(creds, allowed, self.store.staging_dir,
                           skopeo=self.skopeo, timeout=self.cfg.pull_timeout_s)
         failures: list[tuple[Endpoint, VmcriError]] = []
         try:

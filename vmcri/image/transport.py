@@ -19,7 +19,8 @@ import tempfile
 from dataclasses import dataclass, field
 
 from vmcri.config import Config
-from vmcri.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable, VmcriError
+from vmcri.errors import (InvalidArgument, NotFound, Unauthenticated, Unavailable,
+                          Unimplemented, VmcriError)
 from vmcri.image.reference import Reference
 
 log = logging.getLogger("vmcri.image.transport")
@@ -37,6 +38,7 @@ class Endpoint:
     host: str          # host[:port] that goes into docker://HOST/repo
     tls_verify: bool
     mirror: bool
+    credentials: bool = True  # the pull's credentials may go here (upstream, or opted-in mirror)
 
     def url(self, ref: Reference, spec: str) -> str:
         """`spec` is ':tag' or '@sha256:...'."""
@@ -61,7 +63,9 @@ class Credentials:
 
     @classmethod
     def from_auth(cls, auth: dict | None) -> "Credentials | None":
-        """CRI AuthConfig as a dict (username, password, auth, identity_token, registry_token)."""
+        """CRI AuthConfig as a dict (username, password, auth, identity_token, registry_token).
+        A registry_token alone is UNIMPLEMENTED: skopeo takes one only on its command line,
+        where every local user sees it (containerd ignores it too)."""
         if not auth:
             return None
         creds = cls(username=auth.get("username") or "", password=auth.get("password") or "",
@@ -78,7 +82,11 @@ class Credentials:
             creds.username, creds.password = user, pw
         if creds.password and not creds.username:
             raise InvalidArgument("auth.username: required when auth.password is set")
-        if not (creds.username or creds.identity_token or creds.registry_token):
+        if creds.registry_token and not (creds.username or creds.identity_token):
+            raise Unimplemented("auth.registry_token: not supported (skopeo would get it on its "
+                                "command line, which every local user can read); use username "
+                                "and password, or identity_token")
+        if not (creds.username or creds.identity_token):
             return None
         return creds
 
@@ -89,7 +97,8 @@ def endpoints_for(cfg: Config, ref: Reference) -> list[Endpoint]:
     for m in reg.mirrors:
         scheme, _, rest = m.partition("://")
         host = rest.split("/", 1)[0]
-        eps.append(Endpoint(host, tls_verify=(scheme == "https"), mirror=True))
+        eps.append(Endpoint(host, tls_verify=(scheme == "https"), mirror=True,
+                            credentials=m in reg.credential_mirrors))
     if not reg.skip_upstream or not eps:
         upstream = ref.domain  # skopeo itself maps docker.io to its API host
         hostname = ref.domain.rsplit(":", 1)[0] if not ref.domain.startswith("[") else ref.domain.split("]")[0] + "]"
@@ -100,7 +109,10 @@ def endpoints_for(cfg: Config, ref: Reference) -> list[Endpoint]:
 
 class Session:
     """One pull's skopeo environment: authfile and an empty registries.conf so host-wide
-    mirror/credential settings never change what vmcri's own config says."""
+    mirror/credential settings never change what vmcri's own config says.
+
+    Secrets go only into the authfile (0600, in a 0700 dir of its own, removed by close()),
+    never on skopeo's command line, and only for `hosts` (the endpoints allowed them)."""
 
     def __init__(self, creds: Credentials | None, hosts: list[str], workdir: str,
                  skopeo: str = "skopeo", timeout: float = 600.0):
@@ -134,7 +146,7 @@ class Session:
         return env
 
     def _run(self, args: list[str], what: str, ep: Endpoint, ref: Reference, limit: int) -> bytes:
-        log.debug("skopeo %s", " ".join(a for a in args if "token" not in a))
+        log.debug("skopeo %s", " ".join(args))
         try:
             proc = subprocess.run([*_DIE_WITH_PARENT, self.skopeo, *args], stdin=subprocess.DEVNULL,
                                   capture_output=True, timeout=self.timeout, env=self._env())
@@ -148,11 +160,8 @@ class Session:
         return proc.stdout
 
     def _src_flags(self, ep: Endpoint, prefix: str) -> list[str]:
-        flags = [f"--{prefix}tls-verify={'true' if ep.tls_verify else 'false'}",
-                 f"--{prefix}authfile={self.authfile}"]
-        if self.creds and self.creds.registry_token:
-            flags.append(f"--{prefix}registry-token={self.creds.registry_token}")
-        return flags
+        return [f"--{prefix}tls-verify={'true' if ep.tls_verify else 'false'}",
+                f"--{prefix}authfile={self.authfile}"]
 
     def manifest(self, ep: Endpoint, ref: Reference, spec: str) -> bytes:
         return self._run(["inspect", "--raw", "--retry-times=1", *self._src_flags(ep, ""),
