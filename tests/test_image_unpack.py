@@ -118,3 +118,72 @@ def test_corrupt_gzip(tmp_path):
     dest.mkdir()
     with pytest.raises(LayerError):
         unpack_layer(str(path), str(dest), "sha256:" + "0" * 64)
+
+
+# -- whiteouts: malformed or out of place ---------------------------------------------------
+
+def _unpack_in_store(tmp_path, members):
+    """Unpack into store/layers/new next to an existing layer and a file beside the store,
+    the things a bad whiteout would remove."""
+    layers = tmp_path / "store" / "layers"
+    (layers / "other").mkdir(parents=True)
+    (layers / "other" / "keep").write_bytes(b"k")
+    (tmp_path / "store" / "beside").write_bytes(b"b")
+    dest = layers / "new"
+    dest.mkdir()
+    (dest / "pre").mkdir()  # as if an earlier entry of this layer made it
+    (dest / "pre" / "f").write_bytes(b"f")
+    blob, diff_id = write_blob(tmp_path, raw_tar(members))
+    return dest, blob, diff_id
+
+
+def _untouched(tmp_path, dest):
+    assert (tmp_path / "store" / "layers" / "other" / "keep").read_bytes() == b"k"
+    assert (tmp_path / "store" / "beside").read_bytes() == b"b"
+    assert (dest / "pre" / "f").read_bytes() == b"f"
+
+
+@pytest.mark.parametrize("members,why", [
+    ([member(".wh.")], "names no entry"),                 # whiteout of "" = the layer root
+    ([member("pre/.wh.")], "names no entry"),             # ... or of its parent dir
+    ([member(".wh..")], "names no entry"),                # whiteout of "."
+    ([member("pre/.wh..")], "names no entry"),
+    ([member(".wh...")], "names no entry"),               # whiteout of "..": the store's layers
+    ([member("pre/.wh...")], "names no entry"),
+    ([member(".wh..wh.plnk")], "whiteout metadata"),      # AUFS metadata
+    ([member("pre/.wh..wh..wh..opq")], "whiteout metadata"),
+    ([member(".wh.x", tarfile.DIRTYPE)], "regular file"),
+    ([member("pre/.wh..wh..opq", tarfile.DIRTYPE)], "regular file"),
+    ([member("pre/.wh..wh..opq", tarfile.SYMTYPE, "/")], "regular file"),
+    ([member(".wh.pre", tarfile.LNKTYPE, "pre/f")], "regular file"),
+    ([member(".wh..wh..opq/x")], "used as a directory"),  # opaque marker as a directory
+    ([member("pre/.wh.f/x")], "used as a directory"),
+])
+def test_bad_whiteouts_are_refused_and_remove_nothing(tmp_path, members, why):
+    dest, blob, diff_id = _unpack_in_store(tmp_path, members)
+    with pytest.raises(LayerError, match=why):
+        unpack_layer(blob, str(dest), diff_id)
+    _untouched(tmp_path, dest)
+
+
+def test_good_whiteouts_still_work_beside_the_checks(tmp_path):
+    dest, blob, diff_id = _unpack_in_store(tmp_path, [
+        member("pre/.wh.f"), member(".wh..wh..opq"), member("pre/.wh..wh..opq"),
+        member(".wh.a.wh.b"), member("d/.wh...hidden")])
+    unpack_layer(blob, str(dest), diff_id)
+    for wh in ("pre/f", "a.wh.b", "d/..hidden"):
+        st = os.lstat(dest / wh)
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, wh
+    assert os.getxattr(dest / "pre", OPAQUE_XATTR) == b"y"
+    assert (tmp_path / "store" / "layers" / "other" / "keep").exists()
+
+
+def test_removal_outside_the_layer_is_refused_at_the_last_step(tmp_path):
+    from vmcri.image.unpack import _remove_existing
+    (tmp_path / "layer").mkdir()
+    (tmp_path / "victim").mkdir()
+    for path in (tmp_path / "layer" / "..", tmp_path / "layer", tmp_path / "layer" / ".",
+                 tmp_path / "victim"):
+        with pytest.raises(LayerError, match="not inside the layer"):
+            _remove_existing(str(tmp_path / "layer"), str(path), keep_dir=False)
+    assert (tmp_path / "victim").is_dir() and (tmp_path / "layer").is_dir()

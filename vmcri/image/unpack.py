@@ -4,7 +4,13 @@
 `trusted.overlay.opaque=y` xattr, so a stack of these dirs works directly as
 overlay lowerdirs. The diff_id (sha256 of the uncompressed tar) is checked while
 streaming. Layers are hostile input: no member may write outside the target,
-and nothing is ever written through a symlink.
+nothing is ever written through a symlink, and nothing outside the layer being built
+is ever removed.
+
+Whiteouts are refused unless well formed: a regular file named `.wh.NAME` whose NAME is
+a real entry name (not empty, `.`, `..`, nor itself a whiteout name), or `.wh..wh..opq`
+as a regular file. A whiteout name as a directory on the way to another entry and other
+`.wh..wh.` names (AUFS metadata) are refused too.
 """
 from __future__ import annotations
 
@@ -116,7 +122,17 @@ def _lookup(root: str, rel: str) -> str | None:
     return cur
 
 
-def _remove_existing(path: str, keep_dir: bool) -> None:
+def _inside(root: str, path: str) -> str:
+    """`path` if it lies strictly below `root` (lexically); else LayerError. The last
+    guard before anything is removed: the callers' names are already checked."""
+    norm, top = os.path.normpath(path), os.path.normpath(root)
+    if not norm.startswith(top + os.sep):
+        raise LayerError(f"refusing to remove {path!r}: not inside the layer {root!r}")
+    return norm
+
+
+def _remove_existing(root: str, path: str, keep_dir: bool) -> None:
+    path = _inside(root, path)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -189,6 +205,24 @@ def unpack_layer(blob_path: str, dest: str, diff_id: str, lowers: list[str] = ()
     return reader.count
 
 
+def _check_whiteout_names(m: tarfile.TarInfo, rel: str, base: str) -> None:
+    """LayerError for a whiteout that is malformed or out of place (see the module doc)."""
+    if any(c.startswith(WHITEOUT_PREFIX) for c in rel.split("/")[:-1]):
+        raise LayerError(f"layer entry {m.name!r}: a whiteout name is used as a directory")
+    if not base.startswith(WHITEOUT_PREFIX):
+        return
+    if not m.isreg():
+        raise LayerError(f"layer entry {m.name!r}: a whiteout must be a regular file")
+    if base == OPAQUE_MARKER:
+        return
+    target = base[len(WHITEOUT_PREFIX):]
+    if base.startswith(WHITEOUT_PREFIX * 2):
+        raise LayerError(f"layer entry {m.name!r}: unsupported whiteout metadata "
+                         f"(only {OPAQUE_MARKER} is known)")
+    if target in ("", ".", ".."):
+        raise LayerError(f"layer entry {m.name!r}: whiteout of {target!r} names no entry")
+
+
 def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, dest: str,
                     dir_times: list, lowers: list[str]) -> None:
     rel = _safe_relpath(m.name)
@@ -200,6 +234,7 @@ def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, dest: str,
             _apply_meta(dest, m, False)
             dir_times.append((dest, int(m.mtime * 1e9)))
         return
+    _check_whiteout_names(m, rel, base)
     if base == OPAQUE_MARKER:
         parent = _ensure_parents(dest, rel).rsplit("/", 1)[0]
         os.setxattr(parent, OPAQUE_XATTR, b"y")
@@ -207,18 +242,18 @@ def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, dest: str,
     if base.startswith(WHITEOUT_PREFIX):
         target_rel = rel[: len(rel) - len(base)] + base[len(WHITEOUT_PREFIX):]
         path = _ensure_parents(dest, target_rel)
-        _remove_existing(path, keep_dir=False)
+        _remove_existing(dest, path, keep_dir=False)
         os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
         return
     path = _ensure_parents(dest, rel)
     if m.isdir():
-        _remove_existing(path, keep_dir=True)
+        _remove_existing(dest, path, keep_dir=True)
         if not os.path.lexists(path):
             os.mkdir(path, 0o700)
         _apply_meta(path, m, False)
         dir_times.append((path, int(m.mtime * 1e9)))
         return
-    _remove_existing(path, keep_dir=False)
+    _remove_existing(dest, path, keep_dir=False)
     if m.isreg():
         src = tar.extractfile(m)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
