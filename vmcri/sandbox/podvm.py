@@ -19,7 +19,7 @@ import libvirt
 from cri_api.v1 import api_pb2 as pb
 
 from vmcri.errors import DeadlineExceeded, FailedPrecondition, Unavailable
-from vmcri.sandbox import designer, hostfs
+from vmcri.sandbox import designer, hostfs, podcgroup
 from vmcri.sandbox.domain import NicSpec, SandboxMeta, render_domain, render_metadata, render_nic
 from vmcri.sandbox.domain import METADATA_NS
 
@@ -129,11 +129,21 @@ class ColdTicket:
         spec = designer.design(svc.cfg, sandbox_id=self.id, config=config, sizing=sizing,
                                accel=svc.accel, guest=guest_image(svc), paths=svc.paths(self.id),
                                nic_mac=mac, nic_mtu=(getattr(net, "mtu", 0) or 0) if net else 0)
+        parent = config.linux.cgroup_parent
         try:
-            svc.hv.create(render_domain(spec))
+            if parent:  # into the pod's cgroup before the guest touches its memory
+                svc.hv.create_paused(render_domain(spec))
+            else:
+                svc.hv.create(render_domain(spec))
         except libvirt.libvirtError as e:
             raise Unavailable(f"libvirt could not start the pod VM: {e}") from e
         undo.callback(svc.hv.destroy, spec.name)
+        if parent:
+            podcgroup.charge(svc, self.id, spec.name, parent)
+            try:
+                svc.hv.resume(spec.name)
+            except libvirt.libvirtError as e:
+                raise Unavailable(f"libvirt could not resume the pod VM: {e}") from e
         phase("define")
         if net is not None:
             svc.network.attach_tap(net.netns_path, spec.nic.tap)

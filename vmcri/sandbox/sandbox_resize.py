@@ -26,7 +26,7 @@ from cri_api.v1 import api_pb2 as pb
 
 from vmcri.config import Config
 from vmcri.errors import InvalidArgument, NotFound
-from vmcri.sandbox import designer
+from vmcri.sandbox import designer, podcgroup
 from vmcri.sandbox.domain import render_dimm
 from vmcri.sandbox.model import READY, now_ns
 from vmcri.sandbox.virt import LiveShape
@@ -258,6 +258,9 @@ def update_pod_sandbox_resources(svc, sandbox_id: str, overhead: pb.LinuxContain
             try:
                 out = apply(svc.hv, rec.domain, svc.agent(rec), tgt.vcpus, tgt.memory_mib,
                             rec.resources.get("vcpus"))
+                # libvirt puts a hot-plugged vCPU's thread in its own cgroup: back to the pod's
+                parent = pb.PodSandboxConfig.FromString(rec.config).linux.cgroup_parent
+                podcgroup.charge(svc, rec.id, rec.domain, parent)
             except Exception as e:  # never fail the kubelet's routine call on a side effect
                 log.exception("resizing %s failed", rec.domain)
                 out = Outcome(not_applied=[f"resize failed: {e}"])

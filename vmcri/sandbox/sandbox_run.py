@@ -11,7 +11,7 @@ from cri_api.v1 import api_pb2 as pb
 
 from vmcri.container.ocispec import sandbox_sysctls
 from vmcri.errors import AlreadyExists, InvalidArgument, Unavailable
-from vmcri.sandbox import designer, hostfs, podvm
+from vmcri.sandbox import designer, hostfs, podcgroup, podvm
 from vmcri.sandbox.model import CREATING, READY, SandboxRecord, now_ns
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ def validate(config: pb.PodSandboxConfig) -> None:
         for i, value in enumerate(getattr(config.dns_config, field)):
             if not value or any(c.isspace() for c in value):
                 raise InvalidArgument(f"config.dns_config.{field}[{i}]: {value!r} is not valid")
+    if config.linux.cgroup_parent:
+        podcgroup.parent_path(config.linux.cgroup_parent)
     try:
         protocol.validate("set_sysctls", {"sysctls": dict(config.linux.sysctls)})
     except protocol.ProtocolError as e:
@@ -92,7 +94,11 @@ def run_pod_sandbox(svc, config: pb.PodSandboxConfig, runtime_handler: str = "")
             net = _network(svc, ticket.id, config, undo)
             if net is not None:
                 timings.mark("network")
+            # registered before the VM's own undo, so it runs after qemu is gone
+            undo.callback(podcgroup.release, ticket.id, config.linux.cgroup_parent)
             vm = ticket.start(svc, config, sizing, net, undo, timings.mark)
+            # a cold boot is placed before it runs; a pool or clone VM joins here
+            podcgroup.charge(svc, ticket.id, vm.domain, config.linux.cgroup_parent)
             configure_guest(vm.client, config, net)
             timings.mark("configure")
         except BaseException:

@@ -6,8 +6,10 @@ import contextlib
 import logging
 import shutil
 
+from cri_api.v1 import api_pb2 as pb
+
 from vmcri.errors import NotFound
-from vmcri.sandbox import hostfs
+from vmcri.sandbox import hostfs, podcgroup
 from vmcri.sandbox.model import NOTREADY, SandboxRecord
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,8 @@ def _run_hooks(hooks, rec: SandboxRecord, what: str) -> None:
 def _shutdown_vm(svc, rec: SandboxRecord) -> None:
     svc.drop_agent(rec.id)
     svc.hv.destroy(rec.domain)
+    config = pb.PodSandboxConfig.FromString(rec.config) if rec.config else pb.PodSandboxConfig()
+    podcgroup.release(rec.id, config.linux.cgroup_parent)  # qemu is gone: the dirs are empty
 
 
 def _teardown_network(svc, rec: SandboxRecord) -> None:

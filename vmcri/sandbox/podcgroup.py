@@ -1,0 +1,148 @@
+"""Charge a pod's qemu to the kubelet's pod cgroup (`linux.cgroup_parent`), so that node
+allocatable, QoS and eviction see pod VMs.
+
+libvirt puts qemu under /machine/qemu-N-NAME.libvirt-qemu in each hierarchy. Its
+`<resource><partition>` cannot name the kubelet's cgroup instead: without systemd libvirt
+maps each partition component to a "NAME.partition" directory. So, as Kata's
+sandbox_cgroup_only does, vmcri moves qemu after start into `<parent>/vmcri-<sandbox id>`
+(a child, as containerd puts the sandbox under the pod cgroup) in every hierarchy where the
+parent exists: each cgroup v1 hierarchy the kubelet uses (cgroupfs or systemd slices) and
+the cgroup2 mount. A cold boot is moved while paused, before the guest has touched its RAM;
+a warm-pool or template VM only when claimed, and what it touched before stays charged
+where it was: cgroup v2 never moves charges, and new kernels refuse v1's
+memory.move_charge_at_immigrate (set here for the kernels that still honour it).
+
+The cgroup paths come from the CRI request (the kubelet), never from the guest."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+
+from vmcri.errors import InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+CGROUP_ROOT = "/sys/fs/cgroup"
+_COMPONENT = re.compile(r"^[A-Za-z0-9_.:@-]{1,255}$")
+_SLICE = re.compile(r"^[A-Za-z0-9_:@-]+(-[A-Za-z0-9_:@]+)*\.slice$")
+
+
+def parent_path(cgroup_parent: str) -> str:
+    """The parent as a path below each hierarchy's root: a cgroupfs path is used as is, a
+    systemd slice name ("kubepods-burstable-pod1.slice") is expanded as systemd does.
+    INVALID_ARGUMENT for anything else."""
+    field = "config.linux.cgroup_parent"
+    if _SLICE.match(cgroup_parent) and "/" not in cgroup_parent:
+        parts = cgroup_parent[:-len(".slice")].split("-")
+        return "/" + "/".join("-".join(parts[:i + 1]) + ".slice" for i in range(len(parts)))
+    if not cgroup_parent.startswith("/") or len(cgroup_parent) > 4096:
+        raise InvalidArgument(f"{field}: {cgroup_parent[:80]!r} is neither an absolute cgroup path "
+                              "nor a systemd slice name")
+    comps = [c for c in cgroup_parent.split("/") if c]
+    for c in comps:
+        if c in (".", "..") or not _COMPONENT.match(c):
+            raise InvalidArgument(f"{field}: component {c[:80]!r} is not a cgroup name")
+    return "/" + "/".join(comps)
+
+
+def hierarchies() -> list[tuple[str, bool]]:
+    """(mount point, is_v2) of every cgroup mount under /sys/fs/cgroup."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, fstype = left.split(), right.split()[:1]
+            if len(fields) < 5 or not fstype or fstype[0] not in ("cgroup", "cgroup2"):
+                continue
+            mnt = fields[4]
+            if mnt == CGROUP_ROOT or mnt.startswith(CGROUP_ROOT + "/"):
+                out.append((mnt, fstype[0] == "cgroup2"))
+    return out
+
+
+def child_name(sandbox_id: str) -> str:
+    return f"vmcri-{sandbox_id}"
+
+
+def _copy_cpuset(parent: str, child: str) -> None:
+    """A new v1 cpuset cgroup has no CPUs or memory nodes; no task may join it until set."""
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        src, dst = os.path.join(parent, name), os.path.join(child, name)
+        if os.path.exists(dst):
+            with open(dst) as f:
+                if f.read().strip():
+                    continue
+            with open(src) as f:
+                value = f.read().strip()
+            with open(dst, "w") as f:
+                f.write(value)
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def place(sandbox_id: str, cgroup_parent: str, pid: int) -> list[str]:
+    """Move process `pid` (all its threads) into <parent>/vmcri-<id> wherever the parent
+    exists; returns the cgroup dirs it is now in. Nothing to do for an empty parent."""
+    if not cgroup_parent:
+        return []
+    rel = parent_path(cgroup_parent)
+    placed = []
+    for mnt, v2 in hierarchies():
+        parent = mnt + rel
+        if not os.path.isdir(parent):
+            continue  # the kubelet does not use this hierarchy for the pod
+        child = os.path.join(parent, child_name(sandbox_id))
+        os.makedirs(child, exist_ok=True)
+        if os.path.exists(os.path.join(child, "cpuset.cpus")) and not v2:
+            _copy_cpuset(parent, child)
+        if os.path.exists(os.path.join(child, "memory.move_charge_at_immigrate")):
+            try:
+                _write(os.path.join(child, "memory.move_charge_at_immigrate"), "3")
+            except OSError as e:  # gone from newer kernels: the move still works
+                log.info("%s: move_charge_at_immigrate: %s", child, e.strerror)
+        _write(os.path.join(child, "cgroup.procs"), str(pid))
+        placed.append(child)
+    if not placed:
+        log.warning("cgroup_parent %s exists in no cgroup hierarchy: qemu of %s stays where "
+                    "libvirt put it", cgroup_parent, sandbox_id[:12])
+    return placed
+
+
+def charge(svc, sandbox_id: str, domain: str, cgroup_parent: str) -> list[str]:
+    """place() the domain's qemu; UNAVAILABLE when that cannot be done (the kubelet counts
+    on the pod's cgroup holding the pod)."""
+    if not cgroup_parent:
+        return []
+    pid = svc.hv.pid(domain)
+    if not pid:
+        raise Unavailable(f"config.linux.cgroup_parent: no qemu pid for {domain} to place")
+    try:
+        placed = place(sandbox_id, cgroup_parent, pid)
+    except OSError as e:
+        raise Unavailable(f"config.linux.cgroup_parent: moving qemu into {cgroup_parent}: "
+                          f"{e.strerror or e}") from e
+    log.info("qemu %d of %s charged to %s", pid, sandbox_id[:12], placed)
+    return placed
+
+
+def release(sandbox_id: str, cgroup_parent: str) -> None:
+    """Remove the child cgroups once qemu is gone (idempotent)."""
+    if not cgroup_parent:
+        return
+    try:
+        rel = parent_path(cgroup_parent)
+    except InvalidArgument:
+        return
+    for mnt, _ in hierarchies():
+        child = os.path.join(mnt + rel, child_name(sandbox_id))
+        try:
+            os.rmdir(child)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            level = logging.WARNING if e.errno == errno.EBUSY else logging.INFO
+            log.log(level, "cannot remove %s: %s", child, e.strerror)
