@@ -3,7 +3,9 @@ virtio-serial unix socket (qemu is the server side of that socket).
 
 The guest is hostile: every read is bounded in size and time. A garbage banner, an
 oversized packet or reply, or a changed host key closes this VM's connection with a
-logged error and raises; nothing outside this client is touched.
+logged error and raises; nothing outside this client is touched. Every reply is checked
+field by field (vmcri/agent/replies.py) before a caller sees it: a reply that does not fit
+fails that one call with AgentProtocolError.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from paramiko.channel import Channel
 from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_EXTENDED_DATA, cMSG_CHANNEL_REQUEST
 from paramiko.message import Message
 
-from vmcri.agent import protocol, sync
+from vmcri.agent import protocol, replies, sync
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +114,30 @@ def _remaining(deadline: float) -> float:
     return r
 
 
+def checked_exit_status(chan: paramiko.Channel) -> int | None:
+    """The channel's exit-status (None: none came); AgentProtocolError outside 0..255."""
+    st = chan.exit_status
+    if st == -1:
+        return None
+    try:
+        return replies.exit_code("exit-status", st)
+    except protocol.ProtocolError as e:
+        raise AgentProtocolError(f"agent process: {e}") from e
+
+
 class ProcessStream:
     """A process in the guest, streamed over one SSH channel (see protocol.py)."""
 
     def __init__(self, chan: paramiko.Channel, head: dict, leftover: bytes):
+        try:
+            head = replies.check_head(head)
+        except protocol.ProtocolError as e:
+            chan.close()
+            raise AgentProtocolError(f"agent stream head: {e}") from e
         self.channel = chan
         self.id = head.get("id")
         self.pid = head.get("pid")
-        self.dropped = head.get("dropped", 0)
+        self.dropped = head["dropped"]
         # where a log-pump attach starts, per stream ({"stdout": N, "stderr": M}); None otherwise
         self.offsets = head.get("offsets")
         self._leftover = leftover
@@ -155,11 +173,11 @@ class ProcessStream:
         self.channel.resize_pty(width=cols, height=rows)
 
     def exit_status(self, timeout: float | None = None) -> int | None:
-        """Exit code (128+N for signal N); None if the channel closed without one."""
+        """Exit code (128+N for signal N); None if the channel closed without one.
+        AgentProtocolError when the guest sent one outside 0..255."""
         if not self.channel.status_event.wait(timeout):
             raise AgentTimeout("process did not exit in time")
-        st = self.channel.exit_status
-        return None if st == -1 else st
+        return checked_exit_status(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -359,6 +377,11 @@ class AgentClient:
             result, _ = self._read_head(chan, deadline)
         finally:
             chan.close()
+        try:
+            result = replies.check_result(method, result)
+        except protocol.ProtocolError as e:
+            log.warning("agent %s: bad %s reply: %s", self.name, method, e)
+            raise AgentProtocolError(f"agent {method} reply: {e}") from e
         if self.on_call is not None:
             self.on_call(method, time.monotonic() - started)
         return result

@@ -24,7 +24,7 @@ import threading
 import time
 
 from vmcri.container.logwriter import CriLogWriter
-from vmcri.container.model import CREATED, RUNNING
+from vmcri.container.model import CREATED, EXITED, RUNNING
 from vmcri.errors import FailedPrecondition, Unavailable
 from vmcri.sandbox.model import now_ns
 
@@ -47,7 +47,12 @@ def start_container(svc, container_id: str) -> None:
         from vmcri.container.container_stop import mark_exited
         mark_exited(svc, rec, exit_code=128, reason="StartError", message=str(e))
         raise Unavailable(f"crun start in the pod VM failed: {e}") from e
-    svc.table.update(rec.id, state=RUNNING, started_ns=now_ns())
+    started_ns = now_ns()
+    if not svc.table.update_if(rec.id, CREATED, state=RUNNING, started_ns=started_ns):
+        # the pump saw it exit before this reply came: it stays EXITED, but it did start
+        done = svc.table.get(rec.id)
+        if done is not None and done.state == EXITED and not done.started_ns:
+            svc.table.update(rec.id, started_ns=min(started_ns, done.finished_ns or started_ns))
     if svc.metrics is not None:
         svc.metrics.observe_container_start(time.monotonic() - started)
     svc.emit(rec.id, "STARTED")
@@ -127,8 +132,12 @@ class LogOffsets:
             log.debug("log offsets %s: %s", self.path, e)
 
 
+INVALID_EXIT_CODE = 255  # what a container whose agent sent a bad exit status is given
+
+
 class LogPump:
     RETRY_S = 0.5
+    MAX_RETRY_S = 10.0
 
     def __init__(self, svc, rec):
         self.svc = svc
@@ -159,6 +168,9 @@ class LogPump:
 
     def stop(self) -> None:
         self._stop.set()
+        self._close_stream()
+
+    def _close_stream(self) -> None:
         stream = self._stream
         if stream is not None:
             try:
@@ -179,38 +191,64 @@ class LogPump:
             off.commit(dict(off.received))
 
     def _loop(self) -> None:
-        from vmcri.channel import AgentError
-        status = None
+        status, message = None, ""
+        failures = 0
         while not self._stop.is_set():
             sb = self.svc.sandboxes.find(self.rec.sandbox_id)
             if sb is None or sb.state != "READY":
                 break
             try:
-                agent = self.svc.sandboxes.agent(sb)
-                self._stream = agent.attach(self.rec.id, offsets=dict(self.offsets.received))
-                if self._stream.dropped:
-                    log.warning("log pump %s: the guest no longer held %d bytes of output",
-                                self.rec.id[:12], self._stream.dropped)
-                self.offsets.resume_at(self._stream.offsets)
-            except AgentError as e:
-                log.debug("log pump %s: attach failed: %s", self.rec.id[:12], e)
+                status, message = self._attach_and_drain(sb)
+                failures = 0
+            except Exception as e:  # noqa: BLE001 - the pump must outlive any one attach
+                failures += 1
+                self._log_failure(e, failures)
                 self._attached.set()
-                self._stop.wait(self.RETRY_S)
-                continue
-            self._attached.set()
-            status = self._drain(self._stream)
+                self._close_stream()
             if status is not None:
                 break
-            self._stop.wait(self.RETRY_S)  # connection lost: re-attach
+            # connection lost or attach failed: re-attach, backing off while it keeps failing
+            delay = self.RETRY_S * 2 ** max(min(failures, 8) - 1, 0)
+            self._stop.wait(min(delay, self.MAX_RETRY_S))
         if self.writer is not None:
             self.writer.flush_partial()  # an unfinished line goes out as a P entry: count it as written
             self.offsets.commit(dict(self.offsets.received), self.writer.position())
             self.writer.close()
         if status is not None:
             from vmcri.container.container_stop import mark_exited
-            reason = "OOMKilled" if status != 0 and self._oom_killed() else ""
+            reason = "OOMKilled" if status != 0 and not message and self._oom_killed() else ""
             mark_exited(self.svc, self.svc.table.get(self.rec.id) or self.rec, exit_code=status,
-                        reason=reason)
+                        reason=reason, message=message)
+
+    def _attach_and_drain(self, sb) -> tuple[int | None, str]:
+        """One attach: (exit code, message) once the container exited, (None, "") when the
+        connection dropped. AgentError when the attach itself failed."""
+        from vmcri.channel import AgentProtocolError
+        agent = self.svc.sandboxes.agent(sb)
+        self._stream = agent.attach(self.rec.id, offsets=dict(self.offsets.received))
+        if self._stream.dropped:
+            log.warning("log pump %s: the guest no longer held %d bytes of output",
+                        self.rec.id[:12], self._stream.dropped)
+        self.offsets.resume_at(self._stream.offsets)
+        self._attached.set()
+        try:
+            return self._drain(self._stream), ""
+        except AgentProtocolError as e:
+            # the stream ended with an exit status the guest made up: the container is over
+            # for us, and says why instead of staying RUNNING
+            log.warning("log pump %s: %s; the container is taken as failed", self.rec.id[:12], e)
+            return INVALID_EXIT_CODE, f"the pod's agent reported an invalid exit status: {e}"
+
+    def _log_failure(self, e: Exception, failures: int) -> None:
+        from vmcri.channel import AgentError, AgentProtocolError
+        if isinstance(e, AgentProtocolError):  # the guest broke the protocol: worth a warning
+            log.warning("log pump %s: attach failed (%d in a row): %s", self.rec.id[:12],
+                        failures, e)
+        elif isinstance(e, AgentError):
+            log.debug("log pump %s: attach failed: %s", self.rec.id[:12], e)
+        else:
+            log.exception("log pump %s: unexpected error (%d in a row)", self.rec.id[:12],
+                          failures)
 
     def _oom_killed(self) -> bool:
         """Ask the guest whether the kernel's OOM killer ended the container (its cgroup's
@@ -226,7 +264,9 @@ class LogPump:
         return state.get("oom_killed") is True
 
     def _drain(self, stream) -> int | None:
-        """Copy output until the process exits (its status) or the connection drops (None)."""
+        """Copy output until the process exits (its status) or the connection drops (None).
+        AgentProtocolError for an exit status outside 0..255."""
+        from vmcri.channel import checked_exit_status
         chan = stream.channel
         first, stream._leftover = stream._leftover, b""
         self._write("stdout", first)
@@ -238,8 +278,7 @@ class LogPump:
                 self._write("stdout", chan.recv(65536))
                 continue
             if chan.exit_status_ready():
-                st = chan.exit_status
-                return None if st == -1 else st
+                return checked_exit_status(chan)
             transport = chan.transport
             if chan.closed or transport is None or not transport.is_active():
                 return None

@@ -85,6 +85,15 @@ class ContainerTable:
         with self.store.tx() as c:
             c.execute(f"UPDATE containers SET {sets} WHERE id = ?", (*vals, container_id))
 
+    def update_if(self, container_id: str, while_in: str, **fields) -> bool:
+        """update(), but only while the row's state is `while_in`; whether it was."""
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        vals = [dumps(v) if isinstance(v, (dict, list)) else v for v in fields.values()]
+        with self.store.tx() as c:
+            cur = c.execute(f"UPDATE containers SET {sets} WHERE id = ? AND state = ?",
+                            (*vals, container_id, while_in))
+            return cur.rowcount > 0
+
     def get(self, container_id: str) -> ContainerRecord | None:
         row = self.store.query_one("SELECT * FROM containers WHERE id = ?", (container_id,))
         return ContainerRecord.from_row(row) if row else None
