@@ -73,6 +73,11 @@ def test_only_checked_fields_reach_the_host():
     ("container_metrics", {"io": [{"major": [[[[[[1]]]]]]}]}, "io[0].major"),
     ("sandbox_stats", {"interfaces": [{"name": "eth0", "rx_bytes": {}}] * 5000}, "interfaces"),
     ("sandbox_stats", {"bad key!": 1}, ""),
+    ("sandbox_stats", {"memory": [1, 2]}, "memory"),
+    ("sandbox_stats", {"interfaces": {"eth0": {}}}, "interfaces"),
+    ("sandbox_stats", {"interfaces": ["eth0"]}, "interfaces[0]"),
+    ("container_metrics", {"processes": 7}, "processes"),
+    ("container_stats", {"cpu_usage_usec": "lots"}, "cpu_usage_usec"),
 ])
 def test_other_replies_are_checked(method, bad, field):
     with pytest.raises(protocol.ProtocolError) as e:

@@ -10,7 +10,8 @@ the field: that one call fails, nothing else.
 
 Stats calls (`container_stats`, `container_metrics`, `sandbox_stats`) carry many raw kernel
 counters, and newer agents add more: their replies are checked as a bounded tree of numbers
-and short strings (`_sample`); the stats code then clamps each number it uses.
+and short strings (`_sample`) whose parts the stats code reads have the right JSON type
+(`_SAMPLE_SHAPES`); the stats code then clamps each number it uses.
 
 This module is stdlib only, like protocol.py: the guest image carries the agent package.
 """
@@ -133,6 +134,36 @@ def _sample(result: dict) -> dict:
     return walk("", result, 0)
 
 
+_INT = (int,)
+_SAMPLE_SHAPES = {  # what the stats code reads, by call: key -> the JSON types it may have
+    "container_stats": {"cpu_usage_usec": _INT, "memory": (dict,), "pids": (int, str)},
+    "container_metrics": {"cpu_usage_usec": _INT, "cpu": (dict,), "memory": (dict,),
+                          "pids": (int, str), "pids_max": (int, str), "io": (list,),
+                          "hugetlb": (dict,), "pressure": (dict,), "processes": (dict,)},
+    "sandbox_stats": {"cpu_usage_usec": _INT, "memory": (dict,), "processes": _INT,
+                      "interfaces": (list,)},
+}
+_LISTS_OF_OBJECTS = ("io", "interfaces")
+
+
+def _stats(method: str):
+    shapes = _SAMPLE_SHAPES[method]
+
+    def check(result):
+        sample = _sample(result)
+        for key, types in shapes.items():
+            v = sample.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, types)):
+                raise ProtocolError(f"{key}: expected {' or '.join(t.__name__ for t in types)}, "
+                                    f"got {type(v).__name__}")
+            if key in _LISTS_OF_OBJECTS and v is not None:
+                for i, item in enumerate(v):
+                    if not isinstance(item, dict):
+                        raise ProtocolError(f"{key}[{i}]: expected an object")
+        return sample
+    return check
+
+
 # Every call's result, by method. A method missing here (an agent newer than this host)
 # gets the bounded-tree check of the stats calls.
 RESULTS = {
@@ -149,9 +180,9 @@ RESULTS = {
     "container_kill": _state,
     "container_state": _state,
     "container_delete": lambda r: _pick(r, {"deleted": _bool}),
-    "container_stats": _sample,
-    "container_metrics": _sample,
-    "sandbox_stats": _sample,
+    "container_stats": _stats("container_stats"),
+    "container_metrics": _stats("container_metrics"),
+    "sandbox_stats": _stats("sandbox_stats"),
     "set_cpus_online": _cpus_online,
     "clone_init": _cloned,
 }
