@@ -78,7 +78,8 @@ class HostAgent:
     def call(self, method: str, timeout: float | None = None, **params) -> dict:
         handler = getattr(self, "_" + method, None)
         if handler is None or not method.startswith(("container_", "sandbox_")):
-            raise AgentError(f"{method}: not available in a host sandbox", "Unimplemented")
+            # worded as the guest agent's, so callers with a fallback call fall back
+            raise AgentError(f"unknown method {method!r} (a host sandbox)", "Unimplemented")
         try:
             return handler(**params)
         except VmcriError as e:
@@ -106,6 +107,9 @@ class HostAgent:
         if sample is None:
             raise AgentError(f"id: container {id!r} has no cgroup", "NotFound")
         return sample
+
+    def _container_metrics(self, id: str) -> dict:
+        return self._container_stats(id)  # the cgroup basics; the rest reads as absent
 
     def _container_update(self, id: str, resources: dict) -> dict:
         self.engine.update(id, resources)
