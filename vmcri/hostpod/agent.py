@@ -122,7 +122,10 @@ class HostAgent:
     # -- processes ------------------------------------------------------------------
     def _exec_parts(self, argv, container_exec) -> tuple[str, list[str], dict]:
         if argv is not None or not container_exec:
-            raise AgentError("a host sandbox runs only container execs", "Unimplemented")
+            # nothing runs on the host for a pod outside its containers (and a timed-out
+            # exec was killed by HostEngine already)
+            raise AgentError("a host sandbox runs only container execs; a timed-out exec "
+                             "is killed by the host engine", "Unimplemented")
         process = container_exec["process"]
         return container_exec["id"], list(process.get("args") or []), process
 
