@@ -99,8 +99,9 @@ def create(rt, files: MonitorFiles, log_path: str, tty: bool = False, stdin: boo
            "_OCI_SYNCPIPE": str(write_fd)}
     try:
         with open(files.conmon_log, "ab") as err:
+            # cwd: conmon also drops an "oom" file in its working directory
             proc = subprocess.Popen(_argv(rt, files, log_path, tty, stdin, stdin_once), env=env,
-                                    pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
+                                    pass_fds=(write_fd,), stdin=subprocess.DEVNULL, cwd=files.bundle,
                                     stdout=err, stderr=err, start_new_session=True)
         os.close(write_fd)
         write_fd = -1

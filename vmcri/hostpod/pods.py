@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import secrets
 import sqlite3
 import subprocess
@@ -206,3 +207,20 @@ def verbose_info(svc, rec: SandboxRecord) -> dict:
             "infraPid": row.get("infra_pid", 0), "shareDir": paths.share_dir,
             "netns": rec.netns, "network": rec.network, "timings": rec.timings,
             "reason": rec.reason}
+
+
+def delete_containers(svc, rec: SandboxRecord) -> None:
+    """What destroying the VM is for a VM pod: every container of the pod leaves crun
+    (its monitor and cgroup with it); rows and rootfs go with RemovePodSandbox."""
+    from vmcri.hostpod.agent import for_sandbox
+    base = os.path.join(svc.paths(rec.id).share_dir, "containers")
+    try:
+        ids = os.listdir(base)
+    except FileNotFoundError:
+        return
+    engine = for_sandbox(svc, rec).engine
+    for cid in ids:
+        try:
+            engine.delete(cid)
+        except Exception:
+            log.exception("deleting host container %s", cid[:12])
