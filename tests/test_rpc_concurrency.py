@@ -45,6 +45,24 @@ class BlockingContainers:
         return CONTAINER
 
 
+class QuietEvents:
+    """EventBus stand-in: subscribers that never get an event."""
+
+    def __init__(self):
+        import queue
+        self.subscribed = []
+        self._queue = queue.Queue
+
+    def subscribe(self):
+        q = self._queue()
+        self.subscribed.append(q)
+        return q
+
+    def unsubscribe(self, q):
+        if q in self.subscribed:
+            self.subscribed.remove(q)
+
+
 def _runtime(containers):
     sandboxes = types.SimpleNamespace(table=types.SimpleNamespace(all=lambda: [SANDBOX]),
                                       refresh=lambda rec: rec)
@@ -52,7 +70,7 @@ def _runtime(containers):
     rt = types.SimpleNamespace(containers=containers, sandboxes=sandboxes, images=images,
                                cfg=types.SimpleNamespace(cgroup_driver="cgroupfs"),
                                conditions=lambda: [("RuntimeReady", True, "", "")],
-                               status_info=lambda: {})
+                               status_info=lambda: {}, events=QuietEvents())
     return rt
 
 
@@ -60,7 +78,8 @@ def _runtime(containers):
 def served(tmp_path):
     containers = BlockingContainers()
     # 16 threads, 4 never given to slow calls: 10 run, 2 wait, the rest are refused
-    server = build_server(_runtime(containers), max_workers=16, reserved_fast=4)
+    containers.rt = _runtime(containers)
+    server = build_server(containers.rt, max_workers=16, reserved_fast=4)
     sock = f"unix://{tmp_path}/cri.sock"
     server.add_insecure_port(sock)
     server.start()
@@ -133,3 +152,31 @@ def test_sized_leaves_the_reserved_threads_to_fast_rpcs():
     assert {"Version", "Status", "ListPodSandbox", "ListContainers", "ContainerStatus",
             "PodSandboxStatus", "ImageStatus", "ListImages", "ImageFsInfo"}.isdisjoint(
         admission.SLOW_RPCS)
+
+
+def test_event_streams_are_bounded_and_freed_when_the_client_goes(served):
+    containers, server, channel = served
+    v1 = pb_grpc.RuntimeServiceStub(channel)
+    streams = [v1.GetContainerEvents(pb.GetEventsRequest()) for _ in range(admission.MAX_STREAMS)]
+    rt_events = containers.rt.events
+    deadline = time.monotonic() + HANG
+    while len(rt_events.subscribed) < admission.MAX_STREAMS and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(rt_events.subscribed) == admission.MAX_STREAMS
+    extra = v1.GetContainerEvents(pb.GetEventsRequest())
+    with pytest.raises(grpc.RpcError) as e:
+        next(extra)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert v1.Version(pb.VersionRequest(), timeout=HANG).runtime_name == "vmcri"
+    streams[0].cancel()  # the server notices within its 1 s poll and frees the slot
+    refused_meanwhile = 0
+    again = v1.GetContainerEvents(pb.GetEventsRequest())
+    while len(rt_events.subscribed) < admission.MAX_STREAMS and time.monotonic() < deadline:
+        if again.done():  # refused: the slot was not free yet
+            assert again.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            refused_meanwhile += 1
+            again = v1.GetContainerEvents(pb.GetEventsRequest())
+        time.sleep(0.05)
+    assert len(rt_events.subscribed) == admission.MAX_STREAMS and not again.done()
+    for s in [*streams[1:], again]:
+        s.cancel()

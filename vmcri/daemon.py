@@ -160,6 +160,7 @@ def build_server(runtime: Runtime, max_workers: int = MAX_WORKERS,
     runtime_servicer, image_servicer = RuntimeServicer(runtime), ImageServicer(runtime.images)
     runtime_servicer.slow_lane = image_servicer.slow_lane = admission.sized(max_workers,
                                                                             reserved_fast)
+    runtime_servicer.stream_limit = threading.Semaphore(admission.MAX_STREAMS)
     pb_grpc.add_RuntimeServiceServicer_to_server(runtime_servicer, server)
     pb_grpc.add_ImageServiceServicer_to_server(image_servicer, server)
     v1alpha2.add_to_server(server, runtime_servicer, image_servicer)

@@ -90,6 +90,11 @@ def _time_remaining(context) -> float | None:
     return None if remaining is None or remaining > 1e9 else remaining
 
 
+# Server-streaming RPCs (GetContainerEvents) hold a thread for as long as the client
+# listens: at most this many at once, taken from the threads the fast RPCs keep.
+MAX_STREAMS = 4
+
+
 def sized(max_workers: int, reserved_fast: int) -> SlowLane:
     """A lane that leaves `reserved_fast` of `max_workers` threads to the fast RPCs."""
     budget = max_workers - reserved_fast
@@ -108,6 +113,28 @@ def gated(fn, name: str):
             return fn(self, request, context)
         with lane.admit(name, context):
             return fn(self, request, context)
+
+    wrapper.__name__ = name
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def gated_stream(fn, name: str):
+    """Wrap server-streaming method `fn`: beyond its servicer's `stream_limit` (a
+    semaphore) running streams, a new one is refused RESOURCE_EXHAUSTED."""
+
+    def wrapper(self, request, context):
+        limit = getattr(self, "stream_limit", None)
+        if limit is None:
+            yield from fn(self, request, context)
+            return
+        if not limit.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{name}: {MAX_STREAMS} streams are already open; close one first")
+        try:
+            yield from fn(self, request, context)
+        finally:
+            limit.release()
 
     wrapper.__name__ = name
     wrapper.__wrapped__ = fn

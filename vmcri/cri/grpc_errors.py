@@ -7,7 +7,7 @@ import time
 
 import grpc
 
-from vmcri.cri.admission import gated
+from vmcri.cri.admission import gated, gated_stream
 from vmcri.errors import VmcriError
 
 log = logging.getLogger("vmcri.cri")
@@ -71,14 +71,16 @@ def unimplemented(name: str, why: str):
 
 def wrap_all(cls, base, pending: dict[str, str]):
     """Make every RPC of `base` answer: implemented ones wrapped by `handle` (slow ones
-    behind their servicer's `slow_lane`, see admission.py), the rest (listed in `pending`
-    with a reason) UNIMPLEMENTED."""
+    behind their servicer's `slow_lane`, streams within its `stream_limit`, see
+    admission.py), the rest (listed in `pending` with a reason) UNIMPLEMENTED."""
     for name, member in vars(base).items():
         if name.startswith("_") or not callable(member):
             continue
         own = cls.__dict__.get(name)
         if own is not None:
-            if not getattr(own, "_vmcri_stream", False):
+            if getattr(own, "_vmcri_stream", False):
+                setattr(cls, name, gated_stream(own, name))
+            else:
                 setattr(cls, name, handle(gated(own, name)))
         else:
             setattr(cls, name, unimplemented(name, pending.get(name, "not supported")))
@@ -86,6 +88,6 @@ def wrap_all(cls, base, pending: dict[str, str]):
 
 
 def stream(fn):
-    """Mark a server-streaming method: `wrap_all` leaves it unwrapped."""
+    """Mark a server-streaming method: `wrap_all` only bounds how many run at once."""
     fn._vmcri_stream = True
     return fn
