@@ -179,3 +179,37 @@ def test_a_booting_sandbox_is_neither_listed_nor_found(a2pod):
     finally:
         d.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid))
         d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid))
+
+
+def test_polls_answer_while_slow_execs_fill_every_slow_slot(a2pod, test_images):
+    """More ExecSync `sleep 20` than the daemon admits: the polls still answer, the
+    excess is RESOURCE_EXHAUSTED, the admitted ones finish."""
+    from vmcri.cri import admission
+    from vmcri.daemon import MAX_WORKERS, RESERVED_FOR_FAST_RPCS
+    d, _runtime, _images, sid, cfg, _cfg2 = a2pod
+    lane = admission.sized(MAX_WORKERS, RESERVED_FOR_FAST_RPCS)
+    cid = start_container(d, sid, cfg, test_images.multi.ref, "sleepers")
+    try:
+        calls = [d.runtime.ExecSync.future(pb.ExecSyncRequest(
+            container_id=cid, cmd=["sleep", "20"], timeout=HANG), timeout=HANG)
+            for _ in range(lane.running + lane.waiting + 8)]
+        wait_for(lambda: sum(c.done() for c in calls) >= 8, "the excess calls to be refused")
+        in_flight = sum(not c.done() for c in calls)
+        assert d.runtime.Version(pb.VersionRequest(), timeout=HANG).runtime_name == "vmcri"
+        assert sid in {s.id for s in d.runtime.ListPodSandbox(pb.ListPodSandboxRequest(),
+                                                              timeout=HANG).items}
+        st = d.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=cid), timeout=HANG)
+        assert st.status.state == pb.ContainerState.CONTAINER_RUNNING
+        still = sum(not c.done() for c in calls)
+        # the polls answered while the slow slots were taken (sleep 20 outlasts them here)
+        assert in_flight == lane.running + lane.waiting and still > 0, (in_flight, still)
+        codes = {}
+        for c in calls:
+            try:
+                codes.setdefault("ok" if c.result().exit_code == 0 else "exit", []).append(c)
+            except grpc.RpcError as e:
+                codes.setdefault(e.code().name, []).append(e)
+        assert set(codes) == {"ok", "RESOURCE_EXHAUSTED"}, {k: len(v) for k, v in codes.items()}
+        assert len(codes["RESOURCE_EXHAUSTED"]) == 8
+    finally:
+        d.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
