@@ -99,7 +99,7 @@ def run_pod_sandbox(svc, config: pb.PodSandboxConfig, runtime_handler: str = "")
             vm = ticket.start(svc, config, sizing, net, undo, timings.mark)
             # a cold boot is placed before it runs; a pool or clone VM joins here
             podcgroup.charge(svc, ticket.id, vm.domain, config.linux.cgroup_parent)
-            configure_guest(vm.client, config, net)
+            configure_guest(vm.client, config, net, ticket.id)
             timings.mark("configure")
         except BaseException:
             log.warning("RunPodSandbox %s (%s/%s) failed; rolling back", ticket.id[:12],
