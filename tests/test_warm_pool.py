@@ -66,7 +66,9 @@ def run_pod(d, cfg) -> tuple[str, float]:
     return sid, time.monotonic() - t
 
 
-POOL_CONFIG = 'cni_conf_dir = ""\nagent_timeout_s = 300\npool_size = 1\ninsecure_registries = ["%s"]'
+# templates off: these tests are about the pool's own boots (test_vm_template covers both)
+POOL_CONFIG = ('cni_conf_dir = ""\nagent_timeout_s = 300\npool_size = 1\nvm_template = false\n'
+               'insecure_registries = ["%s"]')
 
 
 def turn_pool_off(d) -> None:
@@ -310,7 +312,7 @@ def net_env(daemon_factory, test_images, tmp_path_factory):
             {"type": "host-device", "device": dev,
              "ipam": {"type": "static", "addresses": [{"address": f"{POD_IP}/24"}]}}]}, f)
     d = daemon_factory(f'cni_conf_dir = "{conf}"\ncni_bin_dirs = ["{SYSTEM_CNI_BIN}"]\n'
-                       f'agent_timeout_s = 300\npool_size = 1\n'
+                       f'agent_timeout_s = 300\npool_size = 1\nvm_template = false\n'
                        f'insecure_registries = ["{test_images.registry}"]')
     d.image.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=test_images.single.ref)))
     yield d, test_images, peer

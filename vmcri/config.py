@@ -57,7 +57,7 @@ class Config:
     pool_max_concurrent_boots: int = 1
     # VM templates (docs/operating.md "VM templates"): pod VMs restored from a saved, booted
     # guest instead of booting. false: every pod VM boots (no memory shared between pods).
-    vm_template: bool = False
+    vm_template: bool = True
     # "lazy": built in the background when the first pod VM is asked for; "start": at daemon start
     vm_template_build: str = "lazy"
 

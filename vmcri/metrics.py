@@ -63,7 +63,7 @@ class Metrics:
 class _PoolCollector:
     # WarmPool.stats keys, exported as vmcri_pool_events_total{event=...} (docs/operating.md)
     COUNTERS = ("claimed", "empty", "unfit", "booted", "boot_failures", "adopted", "dropped",
-                "grown", "grow_failures")
+                "grown", "grow_failures", "cloned")
 
     def __init__(self, snapshot):
         self.snapshot = snapshot

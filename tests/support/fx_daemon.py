@@ -80,6 +80,10 @@ def write_config(path: str, root: str, run: str, sock: str, extra: str = "") -> 
     if "agent_timeout_s" not in extra:
         # a hang detector, not a performance bound: shared 2-core hosts boot TCG guests slowly
         extra += "\nagent_timeout_s = 300"
+    if "vm_template" not in extra:
+        # cold boots unless a test asks for templates: tests that time or inspect a boot
+        # must not depend on whether the lazily built template was ready (test_vm_template)
+        extra += "\nvm_template = false"
     guest_line = "" if "guest_image_dir" in extra else f'guest_image_dir = "{guest}"\n'
     with open(path, "w") as f:
         f.write(f'socket_path = "{sock}"\nroot_dir = "{root}"\nrun_dir = "{run}"\n'

@@ -74,7 +74,8 @@ class WarmPool:
         self._failures = 0
         # misses: "empty" (none ready), "unfit" (a shape the pool cannot serve)
         self.stats = {"claimed": 0, "booted": 0, "boot_failures": 0, "adopted": 0, "dropped": 0,
-                      "grown": 0, "grow_failures": 0, "empty": 0, "unfit": 0}
+                      "grown": 0, "grow_failures": 0, "empty": 0, "unfit": 0,
+                      "cloned": 0}  # booted: cold boots and template clones; cloned: the latter
 
     # -- shape ----------------------------------------------------------------
     def shape(self) -> designer.Sizing:
@@ -200,6 +201,8 @@ class WarmPool:
                                              (tpl.vcpus, tpl.memory_mib), sizing)
         if (vm.vcpus, vm.memory_mib) != (sizing.vcpus, sizing.memory_mib):
             raise Unavailable(f"the clone {vm.domain} did not grow to the pool's shape")
+        with self._cond:
+            self.stats["cloned"] += 1
         return client
 
     # -- claim ----------------------------------------------------------------

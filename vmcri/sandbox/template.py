@@ -35,6 +35,7 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass
 
+import libvirt
 from cri_api.v1 import api_pb2 as pb
 
 from vmcri.sandbox import designer, hostfs, saveimage
@@ -45,6 +46,7 @@ TEMPLATE_CMDLINE = "vmcri.template=1"
 REBUILD_BACKOFF_S = (10, 60, 300)
 META = "template.json"
 SAVE = "state.save"
+XML = "template.xml"  # the saved XML as the template VM left it: every clone starts from it
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class Template:
     @property
     def save_path(self) -> str:
         return os.path.join(self.dir, SAVE)
+
+    def pristine_xml(self) -> str:
+        with open(os.path.join(self.dir, XML)) as f:
+            return f.read(saveimage.MAX_XML)
 
 
 def template_shape(cfg) -> designer.Sizing:
@@ -136,6 +142,7 @@ class TemplateStore:
                            host_key=meta["host_key"], vcpus=int(meta["vcpus"]),
                            memory_mib=int(meta["memory_mib"]), uuid=meta["uuid"])
             saveimage.read(tpl.save_path)
+            tpl.pristine_xml()
         except (OSError, ValueError, KeyError, saveimage.SaveImageError) as e:
             if os.path.exists(path):
                 log.warning("VM template %s is unusable (%s); rebuilding it", key, e)
@@ -169,11 +176,13 @@ class TemplateStore:
         log.info("VM template %s ready", tpl.key)
 
     def drop(self, tpl: Template, why: str) -> None:
+        """Never clone from `tpl` again; a new one is built in the background."""
         log.warning("dropping VM template %s: %s", tpl.key, why)
+        shutil.rmtree(tpl.dir, ignore_errors=True)
         with self._state:
             if self._current == tpl:
                 self._current = None
-        shutil.rmtree(tpl.dir, ignore_errors=True)
+            self._start_build_locked()
 
     def prune(self) -> None:
         """Remove templates of other guest images or shapes, and half-written ones."""
@@ -226,7 +235,9 @@ class TemplateStore:
                 json.dump({"template_id": tpl_id, "host_key": tpl.host_key, "vcpus": tpl.vcpus,
                            "memory_mib": tpl.memory_mib, "uuid": tpl.uuid, "guest": guest.dir,
                            "build_s": round(time.monotonic() - t0, 2)}, f)
-            saveimage.read(os.path.join(partial, SAVE))
+            _, xml = saveimage.read(os.path.join(partial, SAVE))
+            with open(os.path.join(partial, XML), "w") as f:
+                f.write(xml)
             shutil.rmtree(tpl.dir, ignore_errors=True)
             os.rename(partial, tpl.dir)  # atomic: a template is whole or absent
         log.info("VM template %s built in %.1fs", key, time.monotonic() - t0)
@@ -240,8 +251,9 @@ class TemplateStore:
         new_uuid = str(uuidlib.uuid4())
         with self._lock:
             try:
-                header, xml = saveimage.read(tpl.save_path)
-                saveimage.rewrite_xml(tpl.save_path, header, clone_xml(xml, tpl, clone_id, new_uuid))
+                header, _ = saveimage.read(tpl.save_path)
+                xml = clone_xml(tpl.pristine_xml(), tpl, clone_id, new_uuid)
+                saveimage.rewrite_xml(tpl.save_path, header, xml)
             except (OSError, saveimage.SaveImageError) as e:
                 self.stats["clone_failures"] += 1
                 self.drop(tpl, str(e))
