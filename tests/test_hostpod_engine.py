@@ -428,3 +428,22 @@ def test_tty_container_logs_and_attach(make_pod):
     assert proc.exit_status(timeout=20) == 3
     text = b" ".join(e[1] for e in _log_entries(log_path)).decode()
     assert "/dev/pts/0" in text and "got-typed" in text
+
+
+def test_removal_also_unmounts_in_other_monitors_namespaces(make_pod):
+    """On a cgroup hybrid host each conmon lives in its own mount namespace (runtime.py); a
+    pod removed later must not stay mounted in there."""
+    first = make_pod(ns={"network": pb.NamespaceMode.NODE})
+    second = make_pod(ns={"network": pb.NamespaceMode.NODE})
+    first.run(["sleep", "1000"])
+    cid, _ = second.run(["sleep", "1000"])
+    _wait_for(lambda: second.engine.state(cid)["status"] == "running", what="running")
+    monitor = conmon.monitor_pid(second.engine.files(cid))
+
+    def first_pods_mounts_there():
+        with open(f"/proc/{monitor}/mountinfo") as f:
+            return [line.split()[4] for line in f if first.id in line]
+    assert first_pods_mounts_there(), "the later monitor's namespace got a copy of them"
+    first.close()
+    first.containers = []
+    _wait_for(lambda: first_pods_mounts_there() == [], what="the unmounts to propagate")
