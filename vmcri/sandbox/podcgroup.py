@@ -3,14 +3,18 @@ allocatable, QoS and eviction see pod VMs.
 
 libvirt puts qemu under /machine/qemu-N-NAME.libvirt-qemu in each hierarchy. Its
 `<resource><partition>` cannot name the kubelet's cgroup instead: without systemd libvirt
-maps each partition component to a "NAME.partition" directory. So, as Kata's
-sandbox_cgroup_only does, vmcri moves qemu after start into `<parent>/vmcri-<sandbox id>`
-(a child, as containerd puts the sandbox under the pod cgroup) in every hierarchy where the
-parent exists: each cgroup v1 hierarchy the kubelet uses (cgroupfs or systemd slices) and
-the cgroup2 mount. A cold boot is moved while paused, before the guest has touched its RAM;
-a warm-pool or template VM only when claimed, and what it touched before stays charged
-where it was: cgroup v2 never moves charges, and new kernels refuse v1's
-memory.move_charge_at_immigrate (set here for the kernels that still honour it).
+maps each partition component to a "NAME.partition" directory. So vmcri puts qemu in `<parent>/vmcri-<sandbox id>` (a child, as containerd puts the
+sandbox under the pod cgroup) in every hierarchy where the parent exists: each cgroup v1
+hierarchy the kubelet uses (cgroupfs or systemd slices) and the cgroup2 mount.
+- A cold boot runs qemu through a small emulator wrapper (`emulator_wrapper`): libvirt
+  starts it in libvirt's cgroup, it joins the pod's cgroups and then execs qemu, so every
+  page qemu ever allocates is charged to the pod.
+- After start (and for warm-pool or template VMs, which were running before the pod
+  claimed them) place() moves the process again: libvirt moves qemu's emulator and vCPU
+  threads into its own cpu/cpuset sub-cgroups once qemu runs, and again after a vCPU
+  hot-plug. What a pool or template VM touched before its claim stays charged where it
+  was: cgroup v2 never moves charges, and new kernels refuse v1's
+  memory.move_charge_at_immigrate (set here for the kernels that still honour it).
 
 The cgroup paths come from the CRI request (the kubelet), never from the guest."""
 from __future__ import annotations
@@ -84,13 +88,10 @@ def _write(path: str, value: str) -> None:
         f.write(value)
 
 
-def place(sandbox_id: str, cgroup_parent: str, pid: int) -> list[str]:
-    """Move process `pid` (all its threads) into <parent>/vmcri-<id> wherever the parent
-    exists; returns the cgroup dirs it is now in. Nothing to do for an empty parent."""
-    if not cgroup_parent:
-        return []
+def _children(sandbox_id: str, cgroup_parent: str) -> list[str]:
+    """Make <parent>/vmcri-<id> wherever the parent exists; returns them."""
     rel = parent_path(cgroup_parent)
-    placed = []
+    made = []
     for mnt, v2 in hierarchies():
         parent = mnt + rel
         if not os.path.isdir(parent):
@@ -103,13 +104,79 @@ def place(sandbox_id: str, cgroup_parent: str, pid: int) -> list[str]:
             try:
                 _write(os.path.join(child, "memory.move_charge_at_immigrate"), "3")
             except OSError as e:  # gone from newer kernels: the move still works
-                log.info("%s: move_charge_at_immigrate: %s", child, e.strerror)
-        _write(os.path.join(child, "cgroup.procs"), str(pid))
-        placed.append(child)
-    if not placed:
+                log.debug("%s: move_charge_at_immigrate: %s", child, e.strerror)
+        made.append(child)
+    if not made:
         log.warning("cgroup_parent %s exists in no cgroup hierarchy: qemu of %s stays where "
-                    "libvirt put it", cgroup_parent, sandbox_id[:12])
+                    "libvirt puts it", cgroup_parent, sandbox_id[:12])
+    return made
+
+
+def place(sandbox_id: str, cgroup_parent: str, pid: int) -> list[str]:
+    """Move process `pid` (all its threads) into <parent>/vmcri-<id> wherever the parent
+    exists; returns the cgroup dirs it is now in. Nothing to do for an empty parent."""
+    if not cgroup_parent:
+        return []
+    placed = _children(sandbox_id, cgroup_parent)
+    for child in placed:
+        _write(os.path.join(child, "cgroup.procs"), str(pid))
     return placed
+
+
+# libvirt execs this as the pod VM's emulator (it passes `-name guest=NAME,...`). It joins
+# the cgroups listed in TARGETS/NAME, then becomes qemu; a failed join fails the start.
+_WRAPPER = """#!/bin/sh
+# vmcri: join the pod's cgroups before qemu allocates anything (vmcri/sandbox/podcgroup.py)
+name=; prev=
+for a in "$@"; do
+  [ "$prev" = "-name" ] && { name=${a#guest=}; name=${name%%%%,*}; }
+  prev=$a
+done
+case $name in ""|*[!A-Za-z0-9_-]*) name= ;; esac
+if [ -n "$name" ] && [ -r "%(targets)s/$name" ]; then
+  while read -r dir; do
+    echo $$ > "$dir/cgroup.procs" || exit 1
+  done < "%(targets)s/$name"
+fi
+exec %(qemu)s "$@"
+"""
+
+
+def emulator_wrapper(run_dir: str, qemu: str) -> str:
+    """The wrapper's path under run_dir, written only when its content changed (libvirt
+    probes a new or changed emulator binary's capabilities once, which takes seconds)."""
+    path = os.path.join(run_dir, "qemu-in-pod-cgroup")
+    text = _WRAPPER % {"targets": os.path.join(run_dir, "cgroup-targets"), "qemu": qemu}
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return path
+    except OSError:
+        pass
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, path)
+    return path
+
+
+def prepare_start(run_dir: str, sandbox_id: str, domain: str, cgroup_parent: str) -> list[str]:
+    """Make the pod's cgroups and tell the wrapper of `domain` to join them."""
+    dirs = _children(sandbox_id, cgroup_parent)
+    targets = os.path.join(run_dir, "cgroup-targets")
+    os.makedirs(targets, mode=0o700, exist_ok=True)
+    with open(os.path.join(targets, domain), "w") as f:
+        f.write("".join(d + "\n" for d in dirs))
+    return dirs
+
+
+def forget_start(run_dir: str, domain: str) -> None:
+    try:
+        os.unlink(os.path.join(run_dir, "cgroup-targets", domain))
+    except FileNotFoundError:
+        pass
 
 
 def charge(svc, sandbox_id: str, domain: str, cgroup_parent: str) -> list[str]:

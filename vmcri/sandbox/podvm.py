@@ -11,6 +11,7 @@ Every side effect registers its undo on the caller's ExitStack.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from dataclasses import dataclass
@@ -130,20 +131,22 @@ class ColdTicket:
                                accel=svc.accel, guest=guest_image(svc), paths=svc.paths(self.id),
                                nic_mac=mac, nic_mtu=(getattr(net, "mtu", 0) or 0) if net else 0)
         parent = config.linux.cgroup_parent
+        if parent:  # qemu joins the pod's cgroups before it allocates anything
+            run_dir = svc.cfg.run_dir
+            try:
+                podcgroup.prepare_start(run_dir, self.id, spec.name, parent)
+                wrapper = podcgroup.emulator_wrapper(run_dir, spec.emulator)
+                spec = dataclasses.replace(spec, emulator=wrapper)
+            except OSError as e:
+                raise Unavailable(f"config.linux.cgroup_parent: {parent}: {e.strerror or e}") from e
         try:
-            if parent:  # into the pod's cgroup before the guest touches its memory
-                svc.hv.create_paused(render_domain(spec))
-            else:
-                svc.hv.create(render_domain(spec))
+            svc.hv.create(render_domain(spec))
         except libvirt.libvirtError as e:
             raise Unavailable(f"libvirt could not start the pod VM: {e}") from e
+        finally:
+            if parent:
+                podcgroup.forget_start(svc.cfg.run_dir, spec.name)
         undo.callback(svc.hv.destroy, spec.name)
-        if parent:
-            podcgroup.charge(svc, self.id, spec.name, parent)
-            try:
-                svc.hv.resume(spec.name)
-            except libvirt.libvirtError as e:
-                raise Unavailable(f"libvirt could not resume the pod VM: {e}") from e
         phase("define")
         if net is not None:
             svc.network.attach_tap(net.netns_path, spec.nic.tap)

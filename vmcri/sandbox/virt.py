@@ -165,13 +165,6 @@ class Hypervisor:
         """Start a transient domain (it vanishes from libvirt when destroyed)."""
         return self.conn().createXML(xml, 0)
 
-    def create_paused(self, xml: str) -> libvirt.virDomain:
-        """create(), with the vCPUs stopped until resume(): qemu exists, the guest has not run."""
-        return self.conn().createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
-
-    def resume(self, name: str) -> None:
-        self._live(name).resume()
-
     def save(self, name: str, path: str) -> None:
         """Save the running domain's state to `path`; the domain is gone afterwards."""
         self._live(name).save(path)
