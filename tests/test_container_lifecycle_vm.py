@@ -27,8 +27,9 @@ def logfile(env, name):
 
 
 def test_stop_timeout_kills_a_container_ignoring_sigterm(env):
+    # the image's stop signal is SIGUSR1: the shell ignores both
     cid = create_start(env, ctr_config("stubborn", env[3].multi.ref, command=["/bin/sh", "-c"],
-                                       args=["trap '' TERM; echo ready; while true; do sleep 1; done"]))
+                                       args=["trap '' TERM USR1; echo ready; while true; do sleep 1; done"]))
     wait_state(env, cid, pb.ContainerState.CONTAINER_RUNNING)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not os.path.getsize(logfile(env, "stubborn")):

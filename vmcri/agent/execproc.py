@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 from . import protocol
 from .handlers_container import ContainerEntry
 from .handlers_system import AgentCallError
 
 
-def exec_argv(agent, ce: dict) -> tuple[list[str], list[str]]:
-    """(argv of crun exec, files to remove when it ends) for a validated container_exec."""
+def exec_argv(agent, ce: dict):
+    """(argv of crun exec, its end callback) for a validated container_exec."""
     entry = agent.procs.get(ce["id"])
     if not isinstance(entry, ContainerEntry):
         raise AgentCallError("NotFound", f"container_exec.id: no container {ce['id']!r}")
@@ -31,4 +32,23 @@ def exec_argv(agent, ce: dict) -> tuple[list[str], list[str]]:
     with os.fdopen(fd, "w") as f:
         json.dump(ce["process"], f)
     argv = ["crun", "exec", "--process", process_file, "--pid-file", pid_file, entry.id]
-    return argv, [process_file, pid_file]
+    return argv, lambda status: _ended(status, process_file, pid_file)
+
+
+def _ended(status: int, process_file: str, pid_file: str) -> None:
+    """crun exec is gone. Killed (the host's ExecSync timeout), it leaves the exec'd process
+    orphaned in the container: that process is killed too. The pid file goes last, so its
+    absence tells the host the kill is done."""
+    if os.WIFSIGNALED(status):
+        try:
+            with open(pid_file) as f:
+                pid = int(f.read(32).strip())
+            if pid > 1:
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    for path in (process_file, pid_file):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

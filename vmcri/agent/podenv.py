@@ -33,6 +33,8 @@ DEVS_MOUNT = "/run/vmcri/devs"
 CGROUP_MOUNT = "/sys/fs/cgroup"
 HUGEPAGES_DIR = "/sys/kernel/mm/hugepages"
 POD_INIT_OOM_SCORE = "-998"  # as containerd's pause: the last thing the OOM killer picks
+# Its own small cgroup: a container that ptraces it must not run work outside its limits.
+POD_INIT_CGROUP = {"pids.max": "16", "memory.max": str(64 << 20)}
 _PAGE_SIZE = re.compile(r"^([1-9][0-9]{0,6})(KB|MB|GB)$")
 _UNIT_KB = {"KB": 1, "MB": 1024, "GB": 1024 * 1024}
 _NOT_BIND_SOURCES = ("/", "/dev", "/proc", "/sys", protocol.SHARE_MOUNT)
@@ -45,18 +47,18 @@ class PodInit:
         self.agent = agent
         self._lock = threading.Lock()
         self.pid = 0
+        self._exited: set[int] = set()
 
     def ensure(self) -> int:
         with self._lock:
-            if self.pid <= 0:
+            if self.pid <= 0 or self.pid in self._exited:
                 self.pid = self._start()
             return self.pid
 
     def _on_exit(self, pid: int, status: int) -> None:
+        # no lock: the reaper may call this from watch(), inside ensure()
+        self._exited.add(pid)
         print(f"vmcri-agent: pod init {pid} exited ({pid1.exit_code(status)})", flush=True)
-        with self._lock:
-            if self.pid == pid:
-                self.pid = 0
 
     def _start(self) -> int:
         with open(os.path.join(os.path.dirname(__file__), "podinit.py")) as f:
@@ -75,13 +77,29 @@ class PodInit:
             raise AgentCallError("Failed", f"pod init did not start (launcher status "
                                            f"{status}, said {text!r})")
         pid = int(text)
+        self._exited.discard(pid)  # a recycled pid of an earlier pod init
         self.agent.reaper.watch(pid, lambda st: self._on_exit(pid, st))
-        try:
-            with open(f"/proc/{pid}/oom_score_adj", "w") as f:
-                f.write(POD_INIT_OOM_SCORE)
-        except OSError:
-            pass
+        if pid in self._exited:
+            raise AgentCallError("Failed", "pod init exited at once (see the guest console)")
+        _confine(pid)
         return pid
+
+
+def _confine(pid: int) -> None:
+    cgroup = os.path.join(CGROUP_MOUNT, "vmcri-pod-init")
+    writes = [(f"/proc/{pid}/oom_score_adj", POD_INIT_OOM_SCORE)]
+    writes += [(os.path.join(cgroup, k), v) for k, v in POD_INIT_CGROUP.items()]
+    writes.append((os.path.join(cgroup, "cgroup.procs"), str(pid)))
+    if os.path.exists(os.path.join(CGROUP_MOUNT, "cgroup.controllers")):  # cgroup2: the guest
+        os.makedirs(cgroup, exist_ok=True)
+    else:
+        writes = writes[:1]
+    for path, value in writes:
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except OSError as e:
+            print(f"vmcri-agent: pod init: {path}: {e.strerror}", flush=True)
 
 
 # -- vmcri's control devices -------------------------------------------------------------

@@ -36,9 +36,9 @@ class Process(OutputSource):
     a pump has delivered its exit status."""
 
     def __init__(self, pid_id: str, reaper: Reaper, argv, env, cwd, tty: bool, want_stdin: bool,
-                 size: tuple[int, int] | None = None, cleanup: list[str] = ()):
+                 size: tuple[int, int] | None = None, on_end=None):
         super().__init__(pid_id, tty)
-        self._cleanup = list(cleanup)  # files of this process, removed once it exits
+        self._on_end = on_end  # called with the wait status once the process has exited
         full_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
         full_env.update(env)
         if tty:
@@ -75,11 +75,8 @@ class Process(OutputSource):
         reaper.watch(self.pid, self.on_exit)
 
     def on_exit(self, status: int) -> None:
-        for path in self._cleanup:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        if self._on_end is not None:
+            self._on_end(status)
         super().on_exit(status)
 
     @property
@@ -117,7 +114,7 @@ class ProcessTable:
         self._seq = 0
 
     def start(self, params: dict, size: tuple[int, int] | None = None,
-              cleanup: list[str] = ()) -> Process:
+              on_end=None) -> Process:
         with self._lock:
             self._gc()
             pid_id = params.get("id")
@@ -129,7 +126,7 @@ class ProcessTable:
             self._procs[pid_id] = None  # reserve
         try:
             proc = Process(pid_id, self.reaper, params["argv"], params["env"], params["cwd"],
-                           params["tty"], params["stdin"], size, cleanup)
+                           params["tty"], params["stdin"], size, on_end)
         except BaseException:
             with self._lock:
                 self._procs.pop(pid_id, None)

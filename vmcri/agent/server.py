@@ -178,20 +178,20 @@ class SessionServer(paramiko.ServerInterface):
                 size = self._ptys.get(chan.get_id())
             if size is not None:
                 params = dict(params, tty=True)
-            cleanup: list[str] = []
+            on_end = None
             try:
                 if "container_exec" in params:
                     from .execproc import exec_argv
-                    argv, cleanup = exec_argv(self.agent, params["container_exec"])
+                    argv, on_end = exec_argv(self.agent, params["container_exec"])
                     params = dict(params, argv=argv)
-                proc = procs.start(params, size, cleanup)
+                proc = procs.start(params, size, on_end)
             except AgentCallError as e:
                 return self._fail(chan, e.kind, str(e))
             except FileExistsError as e:
                 return self._fail(chan, "AlreadyExists", str(e))
             except (OSError, ValueError) as e:
-                for path in cleanup:
-                    _unlink(path)
+                if on_end is not None:
+                    on_end(0)
                 return self._fail(chan, "Failed", f"starting {params['argv'][0]!r}: {e}")
             with_stdin = params["stdin"] or params["tty"]
         else:
@@ -333,13 +333,6 @@ class PortServer:
         finally:
             t.close()
             sock.close()
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _serve_channels(t) -> None:

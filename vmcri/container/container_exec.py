@@ -16,9 +16,9 @@ MAX_EXEC_OUTPUT = 16 * 1024 * 1024  # the kubelet's own cap on ExecSync output
 DEFAULT_TIMEOUT_S = 3600
 KILL_TIMEOUT_S = 10
 
-# crun exec writes the exec'd process's pid where the agent says (protocol.exec_pid_file);
-# killing only `crun exec` on a timeout would orphan that process in the container.
-_KILL_TRACKED = 'kill -KILL "$(cat "$1")" 2>/dev/null; rm -f "$1"'
+# On a timeout the host kills `crun exec`; the agent then kills the exec'd process, which
+# would be orphaned in the container, and removes its pid file (protocol.exec_pid_file).
+_AWAIT_KILL = 'i=0; while [ -e "$1" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; [ ! -e "$1" ]'
 
 
 def exec_request(svc, rec, cmd: list[str], tty: bool) -> dict:
@@ -44,9 +44,9 @@ def exec_sync(svc, container_id: str, cmd: list[str], timeout: int):
     except AgentTimeout as e:
         # short: against a wedged guest this wait comes on top of the caller's timeout
         try:
-            agent.run(["/bin/sh", "-c", _KILL_TRACKED, "sh",
-                       protocol.exec_pid_file(request["token"])], timeout=KILL_TIMEOUT_S)
-            outcome = "the process was killed"
+            rc, _, _ = agent.run(["/bin/sh", "-c", _AWAIT_KILL, "sh",
+                                  protocol.exec_pid_file(request["token"])], timeout=KILL_TIMEOUT_S)
+            outcome = "the process was killed" if rc == 0 else "the process may still run"
         except AgentError as kill_error:
             outcome = f"killing the process failed: {kill_error}"
         raise DeadlineExceeded(f"ExecSync {cmd[0]!r} in {rec.id[:12]}: timed out after {timeout}s; "
