@@ -27,6 +27,7 @@ def test_every_method_round_trips_through_the_command_string():
         "set_sysctls": {"sysctls": {"net.ipv4.ip_forward": "1"}},
         "container_update": {"id": "c1", "resources": {"memory": {"limit": 1048576}}},
         "set_cpus_online": {"count": 2, "wait_ms": 100},
+        "clone_init": {"time_ns": 1_700_000_000_000_000_000, "seed": "ab" * 32, "machine_id": "0" * 32},
     }
     assert set(samples) == set(protocol.METHODS)
     for method, params in samples.items():
@@ -51,6 +52,10 @@ def test_every_method_round_trips_through_the_command_string():
     ("configure_nic", {"mac": "02:00:00:00:00:01", "routes": [{"dst": "default", "gw": "nope"}]}, "routes[0].gw:"),
     ("configure_nic", {"mac": "02:00:00:00:00:01", "routes": [{"dst": "x", "via": "1.1.1.1"}]}, "routes[0].via:"),
     ("configure_nic", {"mac": "02:00:00:00:00:01", "mtu": 10}, "mtu:"),
+    ("clone_init", {"time_ns": 1, "seed": "ab" * 31, "machine_id": "0" * 32}, "seed:"),
+    ("clone_init", {"time_ns": 1, "seed": "AB" * 32, "machine_id": "0" * 32}, "seed:"),
+    ("clone_init", {"time_ns": 1, "seed": "ab" * 32, "machine_id": "0" * 31}, "machine_id:"),
+    ("clone_init", {"time_ns": -1, "seed": "ab" * 32, "machine_id": "0" * 32}, "time_ns:"),
     ("run", {"argv": []}, "argv:"),
     ("run", {"argv": ["ls", 3]}, "argv[1]:"),
     ("run", {"argv": ["ls"], "cwd": "relative"}, "cwd:"),

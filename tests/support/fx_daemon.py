@@ -77,18 +77,20 @@ class Daemon:
 
 def write_config(path: str, root: str, run: str, sock: str, extra: str = "") -> None:
     guest = os.environ.get("VMCRI_TEST_GUEST_DIR", "/var/lib/vmcri/guest/current")
+    # defaults go first: a table in `extra` ([registries...]) would swallow keys after it
+    defaults = ""
     if "agent_timeout_s" not in extra:
         # a hang detector, not a performance bound: shared 2-core hosts boot TCG guests slowly
-        extra += "\nagent_timeout_s = 300"
+        defaults += "agent_timeout_s = 300\n"
     if "vm_template" not in extra:
         # cold boots unless a test asks for templates: tests that time or inspect a boot
         # must not depend on whether the lazily built template was ready (test_vm_template)
-        extra += "\nvm_template = false"
+        defaults += "vm_template = false\n"
     guest_line = "" if "guest_image_dir" in extra else f'guest_image_dir = "{guest}"\n'
     with open(path, "w") as f:
         f.write(f'socket_path = "{sock}"\nroot_dir = "{root}"\nrun_dir = "{run}"\n'
                 f'{guest_line}accel = "tcg"\nlog_level = "debug"\n'
-                f'streaming_port = 0\n{extra}\n')
+                f'streaming_port = 0\n{defaults}{extra}\n')
 
 
 def make_daemon(extra_config: str = "", prefix: str = "vmcri-test-") -> Daemon:
