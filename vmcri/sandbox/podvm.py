@@ -216,6 +216,8 @@ class PoolTicket:
 
     def start(self, svc, config, sizing, net, undo, phase) -> PodVM:
         vm = self.warm
+        if "grow" in vm.timings:  # grown while reserved: the time since the call began
+            phase("grow")
         undo.callback(svc.pool.destroy, vm.id, vm.domain, vm.client)  # never back to the pool
         svc.pool.forget(vm.id)
         relabel(svc, vm.domain, pod_meta(svc, vm.id, config))
