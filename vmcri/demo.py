@@ -24,13 +24,14 @@ from cri_api.v1 import api_pb2_grpc as pb_grpc
 NAMESPACE = "vmcri-demo"
 LABEL = "app"
 SECRET_FILE = "/tmp/vmcri-demo-secret"
+POD_INIT_NAME = "vmcri-pod-init"  # the comm of the process holding a pod's PID namespace
 EXEC_TIMEOUT_S = 60
 START_TIMEOUT_S = 120
 CALL_TIMEOUT_S = 120          # any CRI call; a pull or a VM boot gets SLOW_CALL_TIMEOUT_S
 SLOW_CALL_TIMEOUT_S = 900
 # One ExecSync gathers the container's view as key=value lines.
 PROBE = ("echo kernel=$(uname -r); echo boot_id=$(cat /proc/sys/kernel/random/boot_id); "
-         "echo pid1=$(tr '\\0' ' ' </proc/1/cmdline); "
+         "echo pid1=$(cat /proc/1/comm); "
          "echo mem_kib=$(awk '/^MemTotal:/{print $2}' /proc/meminfo); echo cpus=$(nproc); "
          "echo cpu_model=$(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo); "
          "echo uptime_s=$(cut -d' ' -f1 /proc/uptime); echo hostname=$(hostname); "
@@ -350,7 +351,9 @@ def isolation_checks(host: View, a: PodRun, b: PodRun, host_cmds: dict[int, str]
               f"{host.boot_id} (kernel {host.kernel}, up {host.uptime_s:.0f} s)"),
         Check("each pod has its own kernel", va.boot_id != vb.boot_id,
               f"demo-a boot_id {va.boot_id}, demo-b boot_id {vb.boot_id}"),
-        Check("PID 1 in the container is the container's own command", marker_a in va.pid1,
+        # the pod's PID namespace is held by its init, as pause holds a containerd pod's
+        Check("PID 1 in the container is the pod's own init, not the host's",
+              va.pid1 == POD_INIT_NAME and not host.pid1.startswith(POD_INIT_NAME),
               f"demo-a PID 1: {va.pid1!r}; host PID 1: {host.pid1[:60]!r}"),
         Check("the host cannot see the container's processes, only the VM's qemu",
               a_sees_own and not host_has_marker and a.qemu_pid in host_cmds,
