@@ -28,6 +28,9 @@ LIVE_QUEUE_BYTES = 256 << 10
 # pipe fills and the process waits (as under containerd) instead of the ring dropping
 # bytes. With no pump (the host away) the ring keeps the newest output and drops the rest.
 PUMP_HIGH_WATER = protocol.PROCESS_BUFFER_BYTES // 2
+# `run` then `attach` are two calls: until the first pump attaches (or this passes) the
+# readers hold back as for a pump, so a fast writer loses nothing of its start
+FIRST_ATTACH_WAIT_S = 10.0
 STREAM_GRACE_S = 2.0   # after the process exits, how long a leftover pipe writer may hold the output open
 
 
@@ -76,6 +79,7 @@ class OutputSource:
         self._pump_gen = 0
         self._pump_chan = None
         self._pump_live = False  # a pump is attached and sending
+        self._first_attach_by = time.monotonic() + FIRST_ATTACH_WAIT_S
         self._held = 0  # readers holding output back for the pump (not done yet)
         self._open_streams = 0
         self._exited_at: float | None = None
@@ -101,7 +105,7 @@ class OutputSource:
                 if not data:
                     break
                 with self._lock:
-                    while self._pump_live and self._unsent() > PUMP_HIGH_WATER:
+                    while self._holding_back() and self._unsent() > PUMP_HIGH_WATER:
                         self._held += 1
                         try:
                             self._cond.wait(1.0)
@@ -116,6 +120,11 @@ class OutputSource:
             with self._lock:
                 self._open_streams -= 1
                 self._cond.notify_all()
+
+    def _holding_back(self) -> bool:
+        """Caller holds the lock: a pump is sending, or the first one is still due."""
+        return self._pump_live or (self._pump_gen == 0
+                                   and time.monotonic() < self._first_attach_by)
 
     def _unsent(self) -> int:
         """Caller holds the lock: bytes in the ring the pump has not sent yet."""
