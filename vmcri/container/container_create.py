@@ -11,10 +11,11 @@ import sqlite3
 
 from cri_api.v1 import api_pb2 as pb
 
-from vmcri.container import ocispec, rootfs, safepath
+from vmcri.container import ocispec, rootfs
 from vmcri.container.model import CREATED, CREATING, ContainerRecord
 from vmcri.container.validate import validate_container_config
 from vmcri.errors import AlreadyExists, Unavailable
+from vmcri.sandbox import hostfs
 from vmcri.sandbox.model import now_ns
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def create_container(svc, sandbox_id: str, config: pb.ContainerConfig,
     dirs = svc.dirs(rec)
     with contextlib.ExitStack() as undo:
         undo.callback(svc.table.delete, container_id)
-        rootfs.mount_rootfs(dirs, svc.images.layer_dirs(image))
+        rootfs.mount_rootfs(dirs, svc.images.layer_dirs(image), for_guest=True)
         undo.callback(rootfs.release, dirs)
 
         guest_mounts: dict[str, str] = {}
@@ -63,9 +64,8 @@ def create_container(svc, sandbox_id: str, config: pb.ContainerConfig,
         spec = ocispec.build_spec(
             container_id, config, sandbox_config, image.raw_config.get("config") or {},
             rootfs_path=dirs.guest_rootfs, guest_paths=paths, sandbox_id=sandbox.id,
-            read_image_file=lambda p: safepath.read_file(dirs.rootfs, p))
-        with open(os.path.join(dirs.bundle, "config.json"), "w") as f:
-            json.dump(spec, f)
+            read_image_file=lambda p: hostfs.read_in_root(dirs.rootfs, p))
+        rootfs.write_bundle_file(dirs, "config.json", json.dumps(spec).encode())
         if rec.log_path:
             os.makedirs(os.path.dirname(rec.log_path), exist_ok=True)
             open(rec.log_path, "a").close()

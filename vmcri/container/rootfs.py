@@ -1,18 +1,26 @@
 """A container's root filesystem: overlayfs of the image layers plus a per-container
-upper dir, mounted inside the sandbox's shared 9p dir so that the guest sees it.
-hostPath mounts are bind-mounted into the same share."""
+upper dir, mounted inside the sandbox's share dir so that the guest sees it.
+hostPath mounts are bind-mounted into the same share.
+
+The share dir itself is host-only (the guest gets a read-only bind of it, see hostfs), so
+the paths of the skeleton are the host's own. What the guest can write is inside these
+mounts and in the upper dir: the host never walks those by path, only with no-follow fds."""
 from __future__ import annotations
 
 import os
-import shutil
+import stat
+import threading
+import time
 from dataclasses import dataclass
 
 from vmcri.errors import InvalidArgument
 from vmcri.sandbox import hostfs
-from vmcri.sandbox.hostfs import MS_BIND, _mount
+from vmcri.sandbox.hostfs import MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, MS_REMOUNT, _mount
 
 GUEST_SHARE = "/run/vmcri/share"  # where the agent mounts the 9p share in the guest
-MS_RDONLY, MS_REMOUNT = 1, 32
+# nodev: qemu (root, 9p passthrough) must never open a device node the guest made;
+# nosuid: nor a set-id file it made be honoured on the host through these mounts.
+GUEST_WRITABLE_FLAGS = MS_NOSUID | MS_NODEV
 
 
 @dataclass(frozen=True)
@@ -43,8 +51,9 @@ class ContainerDirs:
         return f"{self.guest_bundle}/mounts/{index}"
 
 
-def mount_rootfs(dirs: ContainerDirs, layer_dirs: list[str]) -> None:
-    """layer_dirs bottom -> top, as the image lists them."""
+def mount_rootfs(dirs: ContainerDirs, layer_dirs: list[str], for_guest: bool = False) -> None:
+    """layer_dirs bottom -> top, as the image lists them. for_guest: a pod VM's rootfs,
+    which qemu serves to the guest: nosuid, nodev (a host sandbox's keeps its set-id files)."""
     for d in (dirs.rootfs, dirs.mounts, dirs.upper, dirs.work):
         os.makedirs(d, mode=0o755, exist_ok=True)
     lower = ":".join(reversed(layer_dirs))  # overlayfs wants the top layer first
@@ -53,7 +62,25 @@ def mount_rootfs(dirs: ContainerDirs, layer_dirs: list[str]) -> None:
     opts = f"lowerdir={lower},upperdir={dirs.upper},workdir={dirs.work}"
     if len(opts) > 4000:
         raise InvalidArgument(f"image: too many layers ({len(layer_dirs)}) for one overlay mount")
-    _mount("overlay", dirs.rootfs, "overlay", 0, opts)
+    _mount("overlay", dirs.rootfs, "overlay", GUEST_WRITABLE_FLAGS if for_guest else 0, opts)
+
+
+def _make_target(target: str, directory: bool) -> None:
+    if directory:
+        try:
+            os.mkdir(target, 0o755)
+        except FileExistsError:
+            pass
+        st = os.lstat(target)
+        if not stat.S_ISDIR(st.st_mode):
+            raise OSError(f"{target}: not a directory")
+        return
+    try:
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644))
+    except FileExistsError:
+        if not stat.S_ISREG(os.lstat(target).st_mode):
+            raise OSError(f"{target}: not a regular file") from None
 
 
 def bind_host_path(dirs: ContainerDirs, index: int, host_path: str, readonly: bool) -> str:
@@ -61,31 +88,84 @@ def bind_host_path(dirs: ContainerDirs, index: int, host_path: str, readonly: bo
     if not os.path.exists(host_path):
         raise InvalidArgument(f"config.mounts[{index}].host_path: {host_path!r} does not exist")
     target = os.path.join(dirs.mounts, str(index))
-    if os.path.isdir(host_path):
-        os.makedirs(target, exist_ok=True)
-    else:
-        open(target, "a").close()
+    _make_target(target, os.path.isdir(host_path))
     _mount(host_path, target, None, MS_BIND)
-    if readonly:
-        _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+    flags = MS_BIND | MS_REMOUNT | GUEST_WRITABLE_FLAGS | (MS_RDONLY if readonly else 0)
+    _mount(None, target, None, flags)
     return dirs.guest_mount(index)
 
 
+def write_bundle_file(dirs: ContainerDirs, name: str, data: bytes) -> None:
+    """config.json and the like: a new file in the host-only bundle dir, never through a link."""
+    path = os.path.join(dirs.bundle, name)
+    fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def release(dirs: ContainerDirs) -> None:
-    """Unmount and delete everything of one container; safe to repeat."""
+    """Unmount and delete everything of one container; safe to repeat. A mount that does
+    not go keeps its dirs too (remove_tree refuses), so the error says so."""
     hostfs.unmount_tree(dirs.bundle)
-    shutil.rmtree(dirs.bundle, ignore_errors=True)
-    shutil.rmtree(dirs.private, ignore_errors=True)
+    hostfs.remove_tree(dirs.bundle)
+    hostfs.remove_tree(dirs.private)
+    _usage_cache.pop(dirs.upper, None)
+
+
+# -- writable-layer usage --------------------------------------------------------------
+# The upper dir holds whatever the guest wrote: walking it on every stats poll would let
+# one pod make the daemon's stats calls as slow as it likes. The walk is fd-based (fwalk,
+# no symlink followed, one filesystem), stops at USAGE_MAX_ENTRIES or USAGE_MAX_SECONDS
+# (the count is then a lower bound), and its result is reused for USAGE_CACHE_S.
+USAGE_MAX_ENTRIES = 200_000
+USAGE_MAX_SECONDS = 2.0
+USAGE_CACHE_S = 10.0
+_usage_cache: dict[str, tuple[float, tuple[int, int]]] = {}
+_usage_lock = threading.Lock()
+
+
+def _walk_usage(upper: str, max_entries: int, max_seconds: float) -> tuple[int, int, bool]:
+    used = inodes = 0
+    deadline = time.monotonic() + max_seconds
+    try:
+        top_dev = os.lstat(upper).st_dev
+    except OSError:
+        return 0, 0, True
+    for _root, subdirs, files, rootfd in os.fwalk(upper, follow_symlinks=False):
+        inodes += len(subdirs) + len(files)
+        for name in files:
+            try:
+                used += os.stat(name, dir_fd=rootfd, follow_symlinks=False).st_blocks * 512
+            except OSError:
+                pass
+        subdirs[:] = [d for d in subdirs if _same_dev(d, rootfd, top_dev)]
+        if inodes >= max_entries or time.monotonic() > deadline:
+            return used, inodes, False
+    return used, inodes, True
+
+
+def _same_dev(name: str, dirfd: int, dev: int) -> bool:
+    try:
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_dev == dev
+    except OSError:
+        return False
 
 
 def writable_layer_usage(dirs: ContainerDirs) -> tuple[int, int]:
-    """(bytes, inodes) of the container's upper dir."""
-    used = inodes = 0
-    for root, subdirs, files in os.walk(dirs.upper):
-        inodes += len(subdirs) + len(files)
-        for f in files:
-            try:
-                used += os.lstat(os.path.join(root, f)).st_blocks * 512
-            except OSError:
-                pass
+    """(bytes, inodes) of the container's upper dir, at most USAGE_CACHE_S old."""
+    now = time.monotonic()
+    with _usage_lock:
+        hit = _usage_cache.get(dirs.upper)
+        if hit is not None and now - hit[0] < USAGE_CACHE_S:
+            return hit[1]
+    used, inodes, complete = _walk_usage(dirs.upper, USAGE_MAX_ENTRIES, USAGE_MAX_SECONDS)
+    if not complete:
+        hostfs.log.info("writable layer %s: walk stopped at %d entries (a lower bound)",
+                        dirs.upper, inodes)
+    with _usage_lock:
+        if len(_usage_cache) > 4096:
+            _usage_cache.clear()
+        _usage_cache[dirs.upper] = (time.monotonic(), (used, inodes))
     return used, inodes

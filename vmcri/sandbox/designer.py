@@ -38,7 +38,7 @@ class Sizing:
 class SandboxPaths:
     """Where one sandbox's files live on the host."""
     state_dir: str  # <root>/sandboxes/<id>: console log, share dir, files
-    share_dir: str  # exported to the guest over virtio-9p (a shared mount)
+    share_dir: str  # the host-only tree the guest sees read-only through guest_export
     console_log: str
     run_dir: str  # <run>/sandboxes/<short id>: the agent socket
     agent_socket: str
@@ -51,6 +51,11 @@ class SandboxPaths:
         return cls(state_dir=state, share_dir=os.path.join(state, "share"),
                    console_log=os.path.join(state, "console.log"),
                    run_dir=run, agent_socket=os.path.join(run, "agent.sock"))
+
+    @property
+    def guest_export(self) -> str:
+        """What the VM's 9p device exports: a read-only bind of share_dir (hostfs)."""
+        return os.path.join(self.state_dir, "share-ro")
 
 
 def domain_name(sandbox_id: str) -> str:
@@ -150,6 +155,6 @@ def design(cfg: Config, *, sandbox_id: str, config: pb.PodSandboxConfig, sizing:
                                        extra_cmdline))),
         agent_socket=paths.agent_socket,
         console_log=paths.console_log,
-        share_dir=paths.share_dir,
+        share_dir=paths.guest_export,
         nic=nic,
     )

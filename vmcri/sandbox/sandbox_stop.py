@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 
 from cri_api.v1 import api_pb2 as pb
 
@@ -74,8 +73,9 @@ def remove_pod_sandbox(svc, sandbox_id: str) -> None:
 def release_host_files(svc, sandbox_id: str) -> None:
     paths = svc.paths(sandbox_id)
     hostfs.unmount_tree(paths.state_dir)
-    shutil.rmtree(paths.state_dir, ignore_errors=True)
-    shutil.rmtree(paths.run_dir, ignore_errors=True)
+    # never through a mount left behind (a hostPath bind would be emptied): refuse instead
+    hostfs.remove_tree(paths.state_dir, ignore_errors=True)
+    hostfs.remove_tree(paths.run_dir, ignore_errors=True)
 
 
 def mark_vm_gone(svc, rec: SandboxRecord) -> SandboxRecord:
