@@ -143,6 +143,9 @@ class _HTTPServer(ThreadingHTTPServer):
         # HTTPServer.server_bind looks up the FQDN of the address: a DNS wait for nothing
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+        # a readable listener whose connection is gone by accept() must not block the
+        # loop (and shutdown() behind it): accept then fails with EAGAIN and is retried
+        self.socket.setblocking(False)
 
 
 def _offered(headers, name: str) -> list[str]:
