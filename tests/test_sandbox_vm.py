@@ -110,15 +110,8 @@ def test_same_name_is_reserved(vm_daemon, pod):
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
-@pytest.mark.parametrize("field", ["network", "pid", "ipc"])
-def test_host_namespaces_are_refused(vm_daemon, field):
-    cfg = pod_config(f"host-{field}")
-    setattr(cfg.linux.security_context.namespace_options, field, pb.NamespaceMode.NODE)
-    with pytest.raises(grpc.RpcError) as e:
-        vm_daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg))
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"namespace_options.{field}" in e.value.details()
-    assert "virtual machine" in e.value.details()
+# host namespaces: by default a host sandbox (tests/test_hostpod_cri.py); refused, naming the
+# field, with host_namespace_pods = "refuse" (test_refuse_policy_names_the_field there)
 
 
 @pytest.mark.parametrize("mutate,field", [

@@ -82,6 +82,10 @@ class Config:
     pull_timeout_s: float = 600.0
 
     cgroup_driver: str = "cgroupfs"
+    # Pods asking for the node's network, PID or IPC namespace (or the "host" runtime
+    # handler): "delegate" runs them on the host under crun + conmon (docs/host-sandboxes.md);
+    # "refuse" answers INVALID_ARGUMENT, for nodes where every pod must be a VM.
+    host_namespace_pods: str = "delegate"
 
     # -- derived paths -------------------------------------------------------
     @property
@@ -119,6 +123,7 @@ _CHOICES = {
     "accel": ("auto", "kvm", "tcg"),
     "log_level": ("debug", "info", "warning", "error"),
     "cgroup_driver": ("cgroupfs", "systemd"),
+    "host_namespace_pods": ("delegate", "refuse"),
 }
 _POSITIVE = ("default_vcpus", "default_memory_mib", "min_memory_mib", "max_vcpus",
              "tcg_tb_cache_mib", "agent_timeout_s", "pull_timeout_s")

@@ -1,5 +1,6 @@
 """CreateContainer: reserve the row, build the rootfs and OCI bundle on the host,
-then `crun create` inside the guest. Every step has its undo on an ExitStack."""
+then `crun create` inside the guest. Every step has its undo on an ExitStack.
+A host sandbox's bundle is built by vmcri.hostpod.containers (crun create on the host)."""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +16,7 @@ from vmcri.container import ocispec, rootfs
 from vmcri.container.model import CREATED, CREATING, ContainerRecord
 from vmcri.container.validate import validate_container_config
 from vmcri.errors import AlreadyExists, Unavailable
+from vmcri.hostpod import pods as hostpods
 from vmcri.sandbox import hostfs
 from vmcri.sandbox.model import now_ns
 
@@ -31,6 +33,13 @@ def log_path_for(sandbox_config: pb.PodSandboxConfig, config: pb.ContainerConfig
 
 def create_container(svc, sandbox_id: str, config: pb.ContainerConfig,
                      sandbox_config: pb.PodSandboxConfig) -> str:
+    peek = svc.sandboxes.find(sandbox_id) if sandbox_id else None
+    if hostpods.is_host(peek):  # the bundle differs (host paths and namespaces); nothing else
+        from vmcri.hostpod.containers import create_host_container
+        sandbox = svc.ready_sandbox(sandbox_id)
+        sent = sandbox_config if sandbox_config.ByteSize() else \
+            pb.PodSandboxConfig.FromString(sandbox.config)
+        return create_host_container(svc, sandbox, config, sent, log_path_for(sent, config))
     validate_container_config(config)
     sandbox = svc.ready_sandbox(sandbox_id)
     stored_config = pb.PodSandboxConfig.FromString(sandbox.config)

@@ -143,12 +143,16 @@ class LogPump:
         self.svc = svc
         self.rec = rec
         self.offsets = LogOffsets(os.path.join(svc.dirs(rec).private, OFFSETS_FILE))
-        if rec.log_path:
+        # a host sandbox's conmon writes the log itself: the pump only waits for the exit
+        sb = svc.sandboxes.find(rec.sandbox_id)
+        own_log = bool(rec.log_path) and not (
+            sb is not None and getattr(svc.sandboxes.agent(sb), "writes_logs", False))
+        if own_log:
             cut = self.offsets.trim_log(rec.log_path)
             if cut:
                 log.info("log pump %s: cut %d bytes written after the last offsets commit; "
                          "they are replayed", rec.id[:12], cut)
-        self.writer = CriLogWriter(rec.log_path) if rec.log_path else None
+        self.writer = CriLogWriter(rec.log_path) if own_log else None
         self._stop = threading.Event()
         self._attached = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"log-{rec.id[:12]}", daemon=True)

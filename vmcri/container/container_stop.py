@@ -98,9 +98,13 @@ def stop_container(svc, container_id: str, timeout: int, deadline: float | None 
 
 def vm_confirmed_gone(svc, sb) -> bool:
     """True when the sandbox row or its domain is gone, or the domain is shut off;
-    False when it runs; raises Unavailable when libvirt cannot tell."""
+    False when it runs; raises Unavailable when libvirt cannot tell. A host sandbox has
+    no domain: its HostAgent's engine says whether any of its containers still runs."""
     if sb is None:
         return True
+    from vmcri.hostpod import pods as hostpods
+    if hostpods.is_host(sb):
+        return hostpods.containers_gone(svc.sandboxes, sb)
     import libvirt
     try:
         dom = svc.sandboxes.hv.lookup(sb.domain)

@@ -86,7 +86,14 @@ class ContainerService:
             pump = self.pumps.get(rec.id)
         if pump is None:
             raise FailedPrecondition(f"container {rec.id[:12]} has no log stream")
-        pump.reopen()
+        if pump.writer is not None or not rec.log_path:
+            pump.reopen()
+            return
+        from vmcri.channel import AgentError
+        try:  # the container's monitor writes its log (a host sandbox's conmon)
+            self.agent_for(rec).call("container_reopen_log", id=rec.id)
+        except AgentError as e:
+            raise FailedPrecondition(f"container {rec.id[:12]}: reopening its log failed: {e}") from e
 
     # -- sandbox hooks ------------------------------------------------------------
     def _stop_all_in(self, sandbox) -> None:

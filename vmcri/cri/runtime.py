@@ -13,7 +13,8 @@ import vmcri
 from vmcri import stats
 from vmcri.container import container_stats, container_status
 from vmcri.sandbox import sandbox_status
-from vmcri.sandbox.sandbox_run import RUNTIME_HANDLERS
+from vmcri.hostpod.pods import HANDLER as HOST_HANDLER
+from vmcri.sandbox.sandbox_run import handlers
 from vmcri.cri.grpc_errors import stream, wrap_all
 
 PENDING = {
@@ -33,12 +34,20 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
     def Status(self, request, context):
         conditions = [pb.RuntimeCondition(type=t, status=ok, reason=reason, message=msg)
                       for t, ok, reason, msg in self.rt.conditions()]
-        info = self.rt.status_info() if request.verbose else {}
-        # recursive read-only mounts and user namespaces are not offered inside the guest yet
-        handlers = [pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures())
-                    for name in RUNTIME_HANDLERS]
+        info = dict(self.rt.status_info()) if request.verbose else {}
+        # recursive read-only mounts and user namespaces are offered by neither kind yet:
+        # not inside the guest, and a host sandbox's containers share the host's user ns
+        served = handlers(self.rt.cfg)
+        out = [pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures())
+               for name in served]
+        if request.verbose:
+            import json
+            info["handlers"] = json.dumps([
+                {"name": name, "sandbox": "host" if name == HOST_HANDLER else "vm",
+                 "recursiveReadOnlyMounts": False, "userNamespaces": False}
+                for name in served])
         return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), info=info,
-                                 runtime_handlers=handlers,
+                                 runtime_handlers=out,
                                  features=pb.RuntimeFeatures(supplemental_groups_policy=False))
 
     def RuntimeConfig(self, request, context):

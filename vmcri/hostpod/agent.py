@@ -61,6 +61,7 @@ def _agent_error(e: VmcriError) -> AgentError:
 
 class HostAgent:
     host_key_fingerprint = None
+    writes_logs = True  # conmon writes each container's CRI log; the log pump only waits
 
     def __init__(self, engine, sandbox_id: str, pod_cgroup: str):
         self.engine = engine
@@ -96,7 +97,14 @@ class HostAgent:
         return self.engine.state(id)
 
     def _container_state(self, id: str) -> dict:
-        return self.engine.state(id)
+        state = self.engine.state(id)
+        if state.get("status") == "unknown":  # neither crun nor conmon's exit file has it
+            raise AgentError(f"id: no host container {id!r}", "NotFound")
+        return state
+
+    def _container_reopen_log(self, id: str) -> dict:
+        self.engine.reopen_log(id)  # conmon reopens the CRI log file it writes
+        return {}
 
     def _container_delete(self, id: str) -> dict:
         self.engine.delete(id)

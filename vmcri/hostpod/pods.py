@@ -224,3 +224,18 @@ def delete_containers(svc, rec: SandboxRecord) -> None:
             engine.delete(cid)
         except Exception:
             log.exception("deleting host container %s", cid[:12])
+
+
+def containers_gone(svc, rec: SandboxRecord) -> bool:
+    """A host sandbox's answer to "is the pod VM confirmed gone?": the host never goes,
+    so a READY pod's containers may run (False: ask the HostAgent about each); a stopped
+    pod's are gone when crun and conmon know none of them still running."""
+    if rec.state == READY:
+        return False
+    base = os.path.join(svc.paths(rec.id).share_dir, "containers")
+    try:
+        ids = os.listdir(base)
+    except FileNotFoundError:
+        return True
+    engine = svc.agent(rec).engine
+    return all(engine.state(cid).get("status") in ("stopped", "unknown") for cid in ids)

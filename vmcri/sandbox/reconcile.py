@@ -1,5 +1,7 @@
 """Daemon start: make libvirt, mounts and netns agree with the rows.
 
+- host sandbox rows (no domain) -> vmcri.hostpod.pods.reconcile_row: CREATING rolled back,
+                                  READY kept (NOTREADY if its PID namespace holder is gone)
 - READY row, domain running   -> keep (the agent reconnects on first use)
 - READY row, domain gone      -> NOTREADY
 - CREATING row                -> the daemon died mid-create: roll it back entirely
@@ -14,6 +16,7 @@ import logging
 import os
 import shutil
 
+from vmcri.hostpod import pods as hostpods
 from vmcri.sandbox import hostfs
 from vmcri.sandbox.model import CREATING, NOTREADY, READY
 from vmcri.sandbox.sandbox_stop import release_host_files
@@ -29,6 +32,9 @@ def reconcile(svc) -> dict:
     known = set()
     for rec in svc.table.all():
         known.add(rec.id)
+        if hostpods.is_host(rec):  # no domain: conmon kept its containers running
+            report[hostpods.reconcile_row(svc, rec)] += 1
+            continue
         running = rec.domain in domains and svc.hv.is_running(rec.domain)
         if rec.state == CREATING:
             log.warning("sandbox %s was being created when the daemon stopped: rolling back",

@@ -11,11 +11,20 @@ from cri_api.v1 import api_pb2 as pb
 
 from vmcri.container.ocispec import sandbox_sysctls
 from vmcri.errors import AlreadyExists, InvalidArgument, Unavailable
+from vmcri.hostpod import pods as hostpods
 from vmcri.sandbox import designer, hostfs, podcgroup, podvm
 from vmcri.sandbox.model import CREATING, READY, SandboxRecord, now_ns
 
 log = logging.getLogger(__name__)
-RUNTIME_HANDLERS = ("", "vmcri")  # "" is the kubelet's default handler
+# "" is the kubelet's default handler; "host" asks for a host sandbox (docs/host-sandboxes.md)
+VM_HANDLERS = ("", "vmcri")
+RUNTIME_HANDLERS = (*VM_HANDLERS, hostpods.HANDLER)
+
+
+def handlers(cfg) -> tuple[str, ...]:
+    """The handlers this node serves: "host" only while host sandboxes are delegated."""
+    delegate = getattr(cfg, "host_namespace_pods", "delegate") == "delegate"
+    return RUNTIME_HANDLERS if delegate else VM_HANDLERS
 
 
 def validate(config: pb.PodSandboxConfig) -> None:
@@ -33,15 +42,6 @@ def validate(config: pb.PodSandboxConfig) -> None:
             protocol.validate("set_hostname", {"hostname": config.hostname})
         except protocol.ProtocolError as e:
             raise InvalidArgument(f"config.{e}") from None
-    ns = config.linux.security_context.namespace_options
-    for field in ("network", "pid", "ipc"):
-        if getattr(ns, field) == pb.NamespaceMode.NODE:
-            raise InvalidArgument(
-                f"config.linux.security_context.namespace_options.{field}: NODE is not supported: "
-                f"a vmcri pod is a virtual machine and cannot share the host's {field} namespace "
-                f"(run host{field.capitalize()} pods with a host-namespace runtime)")
-    if ns.userns_options.mode == pb.NamespaceMode.NODE and ns.HasField("userns_options"):
-        pass  # the host user namespace is the default; nothing to share
     for i, pm in enumerate(config.port_mappings):
         if not 0 < pm.container_port < 65536:
             raise InvalidArgument(f"config.port_mappings[{i}].container_port: {pm.container_port} is not a port")
@@ -64,12 +64,18 @@ def validate(config: pb.PodSandboxConfig) -> None:
 
 def run_pod_sandbox(svc, config: pb.PodSandboxConfig, runtime_handler: str = "") -> str:
     """Reserve the row, get a VM from a source (podvm.reserve), wire the network, configure
-    the guest, commit. Every step registers its undo, so a failure leaves nothing."""
+    the guest, commit. Every step registers its undo, so a failure leaves nothing.
+    A pod asking for the node's namespaces (or the "host" handler) is a host sandbox:
+    vmcri.hostpod.pods, no VM."""
     validate(config)
+    hostpods.check_policy(svc.cfg, config, runtime_handler)  # "refuse": the field is named
     if runtime_handler not in RUNTIME_HANDLERS:
         # an unknown handler is a RuntimeClass mistake worth surfacing, not guessing at
+        served = ", ".join(f'"{h}"' for h in handlers(svc.cfg))
         raise InvalidArgument(f"runtime_handler: {runtime_handler!r} is not configured "
-                              f"(vmcri serves \"\" and \"vmcri\")")
+                              f"(vmcri serves {served})")
+    if hostpods.wants_host_sandbox(config, runtime_handler):
+        return hostpods.run_host_sandbox(svc, config, runtime_handler)
     podvm.guest_image(svc)  # FAILED_PRECONDITION before anything is reserved
     md = config.metadata
     sizing = designer.size(svc.cfg, config.linux)

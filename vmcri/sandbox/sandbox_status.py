@@ -1,4 +1,5 @@
-"""PodSandboxStatus and ListPodSandbox: rows (refreshed against libvirt) -> CRI messages."""
+"""PodSandboxStatus and ListPodSandbox: rows (refreshed against libvirt, or for a host
+sandbox against its PID namespace holder) -> CRI messages."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ import json
 from cri_api.v1 import api_pb2 as pb
 
 from vmcri.errors import NotFound
+from vmcri.hostpod import pods as hostpods
 from vmcri.sandbox.model import CREATING, READY, SandboxRecord
 
 _STATE = {READY: pb.PodSandboxState.SANDBOX_READY}
@@ -35,8 +37,13 @@ def to_status(svc, rec: SandboxRecord) -> pb.PodSandboxStatus:
 
 
 def verbose_info(svc, rec: SandboxRecord) -> dict[str, str]:
+    """{"info": JSON}; its "kind" says which sandbox the pod is: "vm" or "host"."""
+    if hostpods.is_host(rec):
+        info = dict(hostpods.verbose_info(svc, rec), config=json.loads(_config_json(rec)))
+        return {"info": json.dumps(info, sort_keys=True)}
     paths = svc.paths(rec.id)
     info = {
+        "kind": "vm",
         "vm": {"domain": rec.domain, "accel": rec.resources.get("accel"),
                "vcpus": rec.resources.get("vcpus"), "memoryMiB": rec.resources.get("memory_mib"),
                "sizing": rec.resources.get("sizing"), "qemuPid": svc.hv.pid(rec.domain),

@@ -8,6 +8,7 @@ import logging
 from cri_api.v1 import api_pb2 as pb
 
 from vmcri.errors import NotFound
+from vmcri.hostpod import pods as hostpods
 from vmcri.sandbox import hostfs, podcgroup
 from vmcri.sandbox.model import NOTREADY, SandboxRecord
 
@@ -47,7 +48,14 @@ def _locked(svc, sandbox_id: str):
 
 
 def _stop_vm_and_network(svc, rec: SandboxRecord) -> None:
-    _run_hooks(svc.on_stop, rec, "stop")
+    _run_hooks(svc.on_stop, rec, "stop")  # the containers, through the pod's agent
+    if hostpods.is_host(rec):
+        # no VM to destroy: every container leaves crun (conmon and cgroup with it), then
+        # the pod's pinned namespaces, infra process and network go
+        hostpods.delete_containers(svc, rec)
+        svc.drop_agent(rec.id)
+        hostpods.release_namespaces(svc, rec)
+        return
     _shutdown_vm(svc, rec)
     _teardown_network(svc, rec)
 

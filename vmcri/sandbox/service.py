@@ -11,6 +11,7 @@ from collections import defaultdict
 
 from vmcri.config import Config
 from vmcri.errors import InvalidArgument, NotFound
+from vmcri.hostpod import pods as hostpods
 from vmcri.sandbox.accel import AccelChoice
 from vmcri.sandbox.designer import SandboxPaths
 from vmcri.sandbox.model import SandboxRecord, SandboxTable
@@ -71,10 +72,16 @@ class SandboxService:
     # -- agent connections ----------------------------------------------------
     def agent(self, rec: SandboxRecord):
         """The persistent agent connection of a running sandbox (made on first use,
-        e.g. after a daemon restart)."""
+        e.g. after a daemon restart). A host sandbox's is its HostAgent: the same
+        container operations, answered by crun and conmon on the host."""
         with self._agents_lock:
             client = self._agents.get(rec.id)
-            if client is None:
+            if client is None and hostpods.is_host(rec):
+                from vmcri.hostpod.agent import for_sandbox
+                client = for_sandbox(self, rec)
+                if rec.resources.get("hostpod"):  # not a half-made pod's
+                    self._agents[rec.id] = client
+            elif client is None:
                 # a VM whose key changed behind our back is not the VM we booted
                 client = self.new_client(rec.id, rec.host_key)
                 self._agents[rec.id] = client
@@ -119,8 +126,11 @@ class SandboxService:
         return update_pod_sandbox_resources(self, sandbox_id, overhead, resources)
 
     def refresh(self, rec: SandboxRecord) -> SandboxRecord:
-        """Notice a VM that died under us: READY -> NOTREADY with a reason."""
+        """Notice a VM that died under us: READY -> NOTREADY with a reason (a host
+        sandbox: its PID namespace holder)."""
         from vmcri.sandbox.sandbox_stop import mark_vm_gone
+        if hostpods.is_host(rec):
+            return hostpods.refresh(self, rec)
         if rec.state == "READY" and not self.hv.is_running(rec.domain):
             return mark_vm_gone(self, rec)
         return rec
