@@ -401,3 +401,43 @@ def test_remove_leaves_nothing(env):
     assert not [p for p in env.cri.ListPodSandbox(pb.ListPodSandboxRequest()).items if p.id in ids]
     assert not [c for c in env.cri.ListContainers(pb.ListContainersRequest()).containers
                 if c.id in ids]
+
+
+# -- CNI: a host pod with its own netns gets one; a hostNetwork pod gets none ----------
+
+def test_cni_for_a_private_netns_host_pod_and_none_for_host_network(daemon_factory, test_images,
+                                                                     tmp_path_factory):
+    from tests.support.fx_cni import NodeNetwork, run_in
+    node = NodeNetwork(str(tmp_path_factory.mktemp("hostpodnet")), "10.89.7.0/24", "vmcri-tbr7")
+    d = e = None
+    try:
+        d = daemon_factory(node.daemon_config() + f'insecure_registries = ["{test_images.registry}"]')
+        d.image.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=test_images.multi.ref)))
+        node.move_daemon_in(d)  # the node netns is "the host" for this daemon
+        e = Env(d, test_images.multi.ref, str(tmp_path_factory.mktemp("hostpodnet-logs")))
+        priv, priv_cfg = e.run_pod("hcni", handler="host")
+        hnet, hnet_cfg = e.run_pod("hcni-hostnet", network=NODE)
+        ip = e.cri.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=priv)).status.network.ip
+        assert ip.startswith("10.89.7."), ip
+        assert len(node.leases()) == 1 and len(node.veths()) == 1  # none for the hostNetwork pod
+        e.start(priv, priv_cfg, "web", ["sh", "-c", "echo in-pod-netns > /tmp/index.html; "
+                                         "exec httpd -f -p 8080 -h /tmp"])
+        port = 18000 + secrets.randbelow(1000)
+        e.start(hnet, hnet_cfg, "web", ["sh", "-c", "echo on-the-node > /tmp/index.html; "
+                                        f"exec httpd -f -p {port} -h /tmp"])
+
+        def get(addr: str) -> str:
+            r = run_in(node.client, "wget", "-qO-", "-T", "2", f"http://{addr}/index.html",
+                       check=False)
+            return r.stdout.strip()
+        assert wait_for(lambda: get(f"{ip}:8080") == "in-pod-netns", "the pod IP", 30)
+        assert wait_for(lambda: get(f"{node.NODE_IP}:{port}") == "on-the-node", "the node IP", 30)
+        for sid in (priv, hnet):
+            e.remove(sid)
+        assert node.leases() == [] and node.veths() == []
+    finally:
+        for sid in list(e.pods if e else []):  # conmon outlives the daemon: remove the pods
+            e.remove(sid)
+        if d is not None:
+            d.stop()
+        node.remove()
