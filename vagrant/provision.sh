@@ -20,6 +20,11 @@ CRICTL_SHA256=a8ff2a3edb37a98daf3aba7c3b284fe0aa5bff24166d896ab9ef64c8913c9f51
 CRICTL_URL=https://github.com/kubernetes-sigs/cri-tools/releases/download/${CRICTL_VERSION}/crictl-${CRICTL_VERSION}-linux-amd64.tar.gz
 
 KUBE_MINOR=${VMCRI_LAB_KUBE_MINOR:-v1.33}
+# The cluster's pod network: flannel (a hostNetwork DaemonSet; on the vmcri node it runs as
+# a host sandbox, docs/host-sandboxes.md). Its default network is 10.244.0.0/16.
+FLANNEL_VERSION=${VMCRI_LAB_FLANNEL_VERSION:-v0.26.1}
+FLANNEL_URL=https://github.com/flannel-io/flannel/releases/download/${FLANNEL_VERSION}/kube-flannel.yml
+POD_SUBNET=10.244.0.0/16
 CP_IP=${VMCRI_LAB_CP_IP:-192.168.124.10}
 NODE_IP=${VMCRI_LAB_NODE_IP:-192.168.124.11}
 JOIN_TOKEN=${VMCRI_LAB_TOKEN:-}
@@ -164,8 +169,18 @@ require_token() {
     || die "VMCRI_LAB_TOKEN must be a kubeadm bootstrap token ([a-z0-9]{6}.[a-z0-9]{16})"
 }
 
-# The control plane's static pods use hostNetwork, which a VM sandbox cannot provide, so
-# the control plane runs on containerd on its own machine; vmcri serves a worker node.
+# CNI plugins where flannel's DaemonSet installs its own (/opt/cni/bin, a hostPath), so
+# that its "flannel" plugin finds Debian's bridge/portmap/host-local beside it.
+link_cni_plugins() {
+  install -d /opt/cni/bin
+  local p
+  for p in /usr/lib/cni/*; do
+    [ -e "/opt/cni/bin/$(basename "$p")" ] || ln -s "$p" "/opt/cni/bin/$(basename "$p")"
+  done
+}
+
+# The control plane runs on containerd on its own machine (kubeadm's static pods there);
+# vmcri serves a worker node, where kube-proxy and flannel run as host sandboxes.
 role_kube_cp() {
   require_token
   kube_prereqs
@@ -173,14 +188,12 @@ role_kube_cp() {
   install -d /etc/containerd
   containerd config default \
     | sed -e 's/SystemdCgroup = false/SystemdCgroup = true/' \
-          -e 's#bin_dir = "/opt/cni/bin"#bin_dir = "/usr/lib/cni"#' \
           -e 's#sandbox_image = ".*"#sandbox_image = "registry.k8s.io/pause:3.10"#' \
     > /etc/containerd/config.toml
+  link_cni_plugins
   systemctl restart containerd
-  # CoreDNS on this node needs a pod network; a subnet distinct from the vmcri node's.
-  install -d /etc/cni/net.d
-  sed 's#10.88.0.0/16#10.87.0.0/16#; s#vmcri0#cni-cp0#; s#"name": "vmcri"#"name": "cp-bridge"#' \
-    "$VMCRI_SRC/packaging/cni/10-vmcri-bridge.conflist" > /etc/cni/net.d/10-cp-bridge.conflist
+  # the pod network is flannel's, on both nodes (an earlier lab's static bridge goes)
+  rm -f /etc/cni/net.d/10-cp-bridge.conflist
   if [ ! -f /etc/kubernetes/admin.conf ]; then
     log "kubeadm init (control plane on containerd, API on $CP_IP:6443)"
     cat > /root/kubeadm-init.yaml <<EOF
@@ -201,6 +214,8 @@ nodeRegistration:
 apiVersion: kubeadm.k8s.io/v1beta4
 kind: ClusterConfiguration
 controlPlaneEndpoint: "$CP_IP:6443"
+networking:
+  podSubnet: "$POD_SUBNET"
 ---
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -215,9 +230,13 @@ EOF
     install -m 0600 -o vagrant -g vagrant /etc/kubernetes/admin.conf /home/vagrant/.kube/config
   fi
   export KUBECONFIG=/etc/kubernetes/admin.conf
-  # kube-proxy is a hostNetwork DaemonSet: keep it off vmcri nodes (their pods are VMs).
-  kubectl -n kube-system patch daemonset kube-proxy --type merge -p \
-    '{"spec":{"template":{"spec":{"affinity":{"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":{"nodeSelectorTerms":[{"matchExpressions":[{"key":"vmcri.io/runtime","operator":"DoesNotExist"}]}]}}}}}}}'
+  # kube-proxy and flannel are hostNetwork DaemonSets that tolerate every NoSchedule taint:
+  # they run on the vmcri node too, as host sandboxes, so ClusterIP Services work from its
+  # pod VMs. An earlier lab's affinity that kept kube-proxy off that node is dropped.
+  kubectl -n kube-system patch daemonset kube-proxy --type json \
+    -p '[{"op":"remove","path":"/spec/template/spec/affinity"}]' 2>/dev/null || true
+  log "applying flannel $FLANNEL_VERSION ($FLANNEL_URL)"
+  kubectl apply -f "$FLANNEL_URL"
   kubectl apply -f "$VMCRI_SRC/packaging/k8s/runtimeclass.yaml"
   kubectl apply -f "$VMCRI_SRC/packaging/k8s/demo-pod.yaml"
   log "control plane ready; the demo pod waits for the vmcri node (kubectl get pod vmcri-demo -o wide)"
@@ -229,6 +248,14 @@ role_kube_node() {
   install -D -m 0644 "$VMCRI_SRC/packaging/kubelet/20-vmcri.conf" \
     /etc/systemd/system/kubelet.service.d/20-vmcri.conf
   systemctl daemon-reload
+  # In the cluster the pod network is flannel's: its DaemonSet (a host sandbox here) writes
+  # 10-flannel.conflist, and until then the node is NotReady, as any kubeadm node. The
+  # stand-alone lab's bridge config would hand out addresses outside the cluster's network.
+  link_cni_plugins
+  if [ -f /etc/cni/net.d/10-vmcri-bridge.conflist ]; then
+    rm -f /etc/cni/net.d/10-vmcri-bridge.conflist
+    systemctl restart vmcri.service  # NetworkReady follows the config dir
+  fi
   if [ -f /etc/kubernetes/kubelet.conf ]; then
     log "already joined"
     return 0
