@@ -140,6 +140,8 @@ def run_host_sandbox(svc, config: pb.PodSandboxConfig, runtime_handler: str) -> 
         ips = [ip["address"].split("/")[0] for ip in (net.ips if net is not None else [])]
         row = sandbox.setup(paths.share_dir, config, netns_path, ips)
         undo.callback(sandbox.teardown, paths.share_dir, row, sandbox_id)
+        # recorded at once: a daemon killed before READY leaves reconcile the infra pid to stop
+        svc.table.update(sandbox_id, resources={"kind": KIND, "hostpod": row})
         _apply_sysctls(row, sysctls)
         timings["total"] = round(time.monotonic() - started, 4)
         svc.table.update(sandbox_id, state=READY, timings=timings,
