@@ -45,7 +45,7 @@ def test_demo_without_a_daemon_fails_clearly(tmp_path):
     assert not (tmp_path / "r.html").exists()
 
 
-@pytest.mark.vm
+@pytest.mark.vm  # boots two VMs: run under the VM lock
 @pytest.mark.registry
 def test_demo_shows_vm_isolation_and_cleans_up(daemon_factory, tmp_path):
     d = daemon_factory('cni_conf_dir = ""')
@@ -56,11 +56,16 @@ def test_demo_shows_vm_isolation_and_cleans_up(daemon_factory, tmp_path):
     print(r.stdout[-6000:], r.stderr[-3000:])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + d.log()[-3000:]
     rep = json.loads(json_path.read_text())
-    a, b = rep["pods"]
+    a, b, c = rep["pods"]
     host = rep["host"]
-    # each pod is its own kernel instance, and not the host's
+    # each VM pod is its own kernel instance, and not the host's
     assert a["view"]["kernel"] != platform.release()
     assert len({a["view"]["boot_id"], b["view"]["boot_id"], host["boot_id"]}) == 3
+    # the host sandbox runs the same container on the host's own kernel, with no VM
+    assert (a["kind"], b["kind"], c["kind"]) == ("vm", "vm", "host")
+    assert c["view"]["boot_id"] == host["boot_id"] and c["view"]["kernel"] == platform.release()
+    assert not c["domain"] and not c["qemu_pid"]
+    assert any(c["marker"] in line for line in rep["host_sees_qemu"])
     assert a["view"]["pid1"] == "vmcri-pod-init"  # the pod's PID namespace, not the host's
     assert a["view"]["mem_mib"] < host["mem_mib"]
     assert not any(a["marker"] in line for line in b["view"]["processes"])
@@ -69,6 +74,7 @@ def test_demo_shows_vm_isolation_and_cleans_up(daemon_factory, tmp_path):
     page = html_path.read_text()
     assert a["domain"] and a["domain"] in page and b["domain"] in page
     assert "all checks passed" in page and "all checks passed" in r.stdout
+    assert "container in host sandbox demo-host" in page and "shares the host's kernel" in page
     # nothing left behind: pods, domains, the throwaway registry
     assert rep["cleaned_up"]
     left = d.runtime.ListPodSandbox(pb.ListPodSandboxRequest(filter=pb.PodSandboxFilter(
@@ -103,3 +109,18 @@ def test_report_marks_failed_checks_and_escapes_guest_text():
     page = demo_report.html_page(rep)
     assert "SOME CHECKS FAILED" in page and "<script>" not in page and "&lt;script&gt;" in page
     assert json.loads(rep.to_json())["ok"] is False
+
+
+def test_report_has_a_column_for_the_host_sandbox():
+    pods = [demo.PodRun(name=n, domain=f"vmcri-{n}", view=_view(), dominfo="State: running")
+            for n in ("demo-a", "demo-b")]
+    pods.append(demo.PodRun(name="demo-host", kind="host", view=_view(boot_id="host")))
+    rep = demo.Report(runtime="vmcri", image="img", host=_view(boot_id="host"), pods=pods,
+                      checks=demo.host_sandbox_checks(_view(boot_id="host"), pods[0], pods[2], {}),
+                      host_sees_qemu=[])
+    out = demo_report.text(rep)
+    assert "demo-host" in out and "none: crun + conmon" in out  # its column (wrapped)
+    assert "[ok] the host sandbox's container shares the host's kernel" in out
+    # the host sees no process with the marker here: that check fails
+    assert "[FAILED] the host sees the host sandbox's container" in out
+    assert "none (no VM)" in demo_report.html_page(rep)

@@ -2,7 +2,9 @@
 
 It pulls a small image, starts two pods (two VMs) with one container each, and compares what
 a container sees (kernel, PID 1, processes, memory, CPUs) with what the host sees, and what a
-container in the second pod can see of the first. Each claim is checked, not just printed;
+container in the second pod can see of the first. A third pod, a host sandbox (runtime
+handler "host", docs/host-sandboxes.md), runs the same container on the host, in namespaces:
+it shares the host's kernel, which is what the VM pods do not. Each claim is checked, not just printed;
 see `Check`. Everything it made is removed at the end unless `keep` is set.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from cri_api.v1 import api_pb2_grpc as pb_grpc
 NAMESPACE = "vmcri-demo"
 LABEL = "app"
 SECRET_FILE = "/tmp/vmcri-demo-secret"
+HOST_HANDLER = "host"  # the runtime handler that asks for a host sandbox
 POD_INIT_NAME = "vmcri-pod-init"  # the comm of the process holding a pod's PID namespace
 EXEC_TIMEOUT_S = 60
 START_TIMEOUT_S = 120
@@ -60,6 +63,7 @@ class View:
 @dataclass
 class PodRun:
     name: str
+    kind: str = "vm"          # "vm", or "host": a host sandbox (namespaces on the host's kernel)
     sandbox_id: str = ""
     container_id: str = ""
     domain: str = ""
@@ -210,20 +214,23 @@ class Demo:
                          timeout=SLOW_CALL_TIMEOUT_S).image_ref
         return ref
 
-    def start_pod(self, name: str) -> PodRun:
-        pod = PodRun(name=name, marker=str(100000 + secrets.randbelow(900000)))
+    def start_pod(self, name: str, kind: str = "vm") -> PodRun:
+        pod = PodRun(name=name, kind=kind, marker=str(100000 + secrets.randbelow(900000)))
         self.pods.append(pod)
         pcfg = pod_config(name, self.run_id, self.log_dir)
-        self.log(f"RuntimeService.RunPodSandbox {name} (boots a VM)")
+        handler = HOST_HANDLER if kind == "host" else ""
+        self.log(f"RuntimeService.RunPodSandbox {name} " +
+                 ("(runtime handler \"host\": namespaces on the host)" if handler else "(boots a VM)"))
         t0 = time.monotonic()
         pod.sandbox_id = self._step(f"RunPodSandbox {name}", self.rt.RunPodSandbox,
-                                    pb.RunPodSandboxRequest(config=pcfg),
+                                    pb.RunPodSandboxRequest(config=pcfg, runtime_handler=handler),
                                     timeout=SLOW_CALL_TIMEOUT_S).pod_sandbox_id
         pod.run_pod_s = time.monotonic() - t0
         st = self._step(f"PodSandboxStatus {name}", self.rt.PodSandboxStatus,
                         pb.PodSandboxStatusRequest(pod_sandbox_id=pod.sandbox_id, verbose=True))
         info = json.loads(st.info.get("info", "{}"))
         pod.ip = st.status.network.ip
+        pod.kind = info.get("kind", kind)
         vm = info.get("vm", {})
         pod.domain, pod.qemu_pid = vm.get("domain", ""), int(vm.get("qemuPid") or 0)
         pod.accel, pod.vm_vcpus = str(vm.get("accel", "")), int(vm.get("vcpus") or 0)
@@ -232,7 +239,8 @@ class Demo:
         ccfg = pb.ContainerConfig(
             metadata=pb.ContainerMetadata(name="shell"), image=pb.ImageSpec(image=self.image),
             command=["/bin/sh", "-c", script], log_path=f"{name}-shell.log")
-        self.log(f"RuntimeService.CreateContainer + StartContainer in {name} (crun inside the guest)")
+        where = "crun on the host, under conmon" if pod.kind == "host" else "crun inside the guest"
+        self.log(f"RuntimeService.CreateContainer + StartContainer in {name} ({where})")
         t0 = time.monotonic()
         pod.container_id = self._step(f"CreateContainer in {name}", self.rt.CreateContainer,
                                       pb.CreateContainerRequest(pod_sandbox_id=pod.sandbox_id,
@@ -280,7 +288,7 @@ class Demo:
         pod.view = view_from_probe(probe.stdout.decode(errors="replace"), processes)
         if len(processes) > 1:  # ps's own count beats /proc's, which includes the probe's shell
             pod.view.nprocs = len(processes) - 1
-        pod.dominfo = virsh_dominfo(self.cfg.libvirt_uri, pod.domain)
+        pod.dominfo = virsh_dominfo(self.cfg.libvirt_uri, pod.domain) if pod.kind == "vm" else ""
         return pod.view
 
     # -- the whole demo ----------------------------------------------------------
@@ -288,17 +296,21 @@ class Demo:
         runtime = self.connect()
         self.pull()
         a, b = self.start_pod("demo-a"), self.start_pod("demo-b")
+        c = self.start_pod("demo-host", kind="host")
         self.log("RuntimeService.ExecSync: looking around inside each container")
-        self.observe(a)
-        self.observe(b)
+        for pod in (a, b, c):
+            self.observe(pod)
         self.exec(a, ["/bin/sh", "-c", f"echo only-in-demo-a > {SECRET_FILE}"])
         in_a = self.exec(a, ["cat", SECRET_FILE])
         in_b = self.exec(b, ["cat", SECRET_FILE])
         host = host_view()
         cmdlines = host_cmdlines()
         qemu = [f"pid {p.qemu_pid}: {cmdlines.get(p.qemu_pid, '?')[:100]}" for p in (a, b)]
-        checks = isolation_checks(host, a, b, cmdlines, in_a, in_b)
-        return Report(runtime=runtime, image=self.image, host=host, pods=[a, b], checks=checks,
+        qemu += [f"pid {pid}: {cmd[:100]}  (demo-host's container itself: no VM)"
+                 for pid, cmd in cmdlines.items() if cmd == f"sleep {c.marker}"]
+        checks = isolation_checks(host, a, b, cmdlines, in_a, in_b) + \
+            host_sandbox_checks(host, a, c, cmdlines)
+        return Report(runtime=runtime, image=self.image, host=host, pods=[a, b, c], checks=checks,
                       host_sees_qemu=qemu, registry=self.registry.address if self.registry else "")
 
     def cleanup(self) -> None:
@@ -373,6 +385,23 @@ def isolation_checks(host: View, a: PodRun, b: PodRun, host_cmds: dict[int, str]
               f"virsh dominfo {a.domain}: " + "; ".join(
                   " ".join(line.split()) for line in a.dominfo.splitlines()
                   if line.split(":")[0] in ("State", "CPU(s)", "Max memory"))),
+    ]
+
+
+def host_sandbox_checks(host: View, a: PodRun, c: PodRun, host_cmds: dict[int, str]) -> list[Check]:
+    """The host sandbox is the contrast: the same container, but on the host's own kernel."""
+    vc = c.view
+    marker_c = f"sleep {c.marker}"
+    host_sees_c = [pid for pid, cmd in host_cmds.items() if cmd == marker_c]
+    return [
+        Check("the host sandbox's container shares the host's kernel (a namespace pod)",
+              c.kind == "host" and vc.boot_id == host.boot_id and vc.kernel == host.kernel,
+              f"demo-host boot_id {vc.boot_id} (kernel {vc.kernel}) vs host {host.boot_id}; "
+              f"demo-a (a VM) {a.view.boot_id}"),
+        Check("the host sees the host sandbox's container as its own process, with no VM",
+              bool(host_sees_c) and not c.domain,
+              f"host pids running '{marker_c}': {host_sees_c or 'none'}; libvirt domain: "
+              f"{c.domain or 'none'}"),
     ]
 
 

@@ -4,28 +4,35 @@ from __future__ import annotations
 import html as htmlmod
 import textwrap
 
-COLS = ("", "container in pod demo-a", "host", "container in pod demo-b")
+COLS = ("", "container in pod demo-a (VM)", "host", "container in pod demo-b (VM)")
+HOST_COL = "container in host sandbox demo-host"
 
 
-def _rows(r) -> list[tuple[str, str, str, str]]:
-    a, b = r.pods
-    va, vb, h = a.view, b.view, r.host
-    return [
-        ("kernel release (uname -r)", va.kernel, h.kernel, vb.kernel),
-        ("kernel instance (boot_id)", va.boot_id, h.boot_id, vb.boot_id),
-        ("kernel up for", f"{va.uptime_s:.0f} s", f"{h.uptime_s:.0f} s", f"{vb.uptime_s:.0f} s"),
-        ("PID 1", va.pid1, _short(h.pid1), vb.pid1),
-        ("processes visible", str(va.nprocs), str(h.nprocs), str(vb.nprocs)),
-        ("memory (MemTotal)", f"{va.mem_mib} MiB", f"{h.mem_mib} MiB", f"{vb.mem_mib} MiB"),
-        ("CPUs", f"{va.cpus} × {va.cpu_model}", f"{h.cpus} × {h.cpu_model}", f"{vb.cpus} × {vb.cpu_model}"),
-        ("hostname", va.hostname, h.hostname, vb.hostname),
-        ("pod IP (CNI)", a.ip or "loopback only", "", b.ip or "loopback only"),
-        ("libvirt domain", a.domain, "", b.domain),
-        ("qemu process on the host", f"pid {a.qemu_pid} ({a.accel})", "", f"pid {b.qemu_pid} ({b.accel})"),
-        ("VM size", f"{a.vm_vcpus} vCPU, {a.vm_memory_mib} MiB", "", f"{b.vm_vcpus} vCPU, {b.vm_memory_mib} MiB"),
-        ("RunPodSandbox took", f"{a.run_pod_s:.1f} s", "", f"{b.run_pod_s:.1f} s"),
-        ("Create+StartContainer took", f"{a.container_start_s:.1f} s", "", f"{b.container_start_s:.1f} s"),
-    ]
+def _cols(r) -> tuple[str, ...]:
+    return COLS + ((HOST_COL,) if len(r.pods) > 2 else ())
+
+
+def _pod_cells(p) -> list[str]:
+    v, vm = p.view, p.kind == "vm"
+    return [v.kernel, v.boot_id, f"{v.uptime_s:.0f} s", v.pid1, str(v.nprocs), f"{v.mem_mib} MiB",
+            f"{v.cpus} × {v.cpu_model}", v.hostname, p.ip or "loopback only",
+            p.domain if vm else "none (no VM)",
+            f"pid {p.qemu_pid} ({p.accel})" if vm else "none: crun + conmon",
+            f"{p.vm_vcpus} vCPU, {p.vm_memory_mib} MiB" if vm else "the host's",
+            f"{p.run_pod_s:.1f} s", f"{p.container_start_s:.1f} s"]
+
+
+def _rows(r) -> list[tuple[str, ...]]:
+    a, b, *rest = r.pods
+    h = r.host
+    labels = ["kernel release (uname -r)", "kernel instance (boot_id)", "kernel up for", "PID 1",
+              "processes visible", "memory (MemTotal)", "CPUs", "hostname", "pod IP (CNI)",
+              "libvirt domain", "qemu process on the host", "VM size", "RunPodSandbox took",
+              "Create+StartContainer took"]
+    host = [h.kernel, h.boot_id, f"{h.uptime_s:.0f} s", _short(h.pid1), str(h.nprocs),
+            f"{h.mem_mib} MiB", f"{h.cpus} × {h.cpu_model}", h.hostname, "", "", "", "", "", ""]
+    cols = [_pod_cells(a), host, _pod_cells(b), *[_pod_cells(p) for p in rest]]
+    return [(label, *(c[i] for c in cols)) for i, label in enumerate(labels)]
 
 
 def _short(s: str, n: int = 60) -> str:
@@ -42,16 +49,18 @@ def _cell(s: str, width: int) -> list[str]:
 
 
 def text(r) -> str:
-    widths = (27, 38, 38, 38)
+    widths = (27, 30, 30, 30, 30)
     out = [f"vmcri isolation demo — {r.runtime}, image {r.image}", ""]
-    for row in [COLS, *_rows(r)]:
+    for row in [_cols(r), *_rows(r)]:
         cells = [_cell(v, w) for v, w in zip(row, widths)]
         for i in range(max(len(c) for c in cells)):
             out.append("  ".join((c[i] if i < len(c) else "").ljust(w)
                                  for c, w in zip(cells, widths)).rstrip())
-    a, b = r.pods
+    a, b, *rest = r.pods
     out += ["", "processes seen inside demo-a (ps):", *[f"    {p}" for p in a.view.processes],
             "processes seen inside demo-b (ps):", *[f"    {p}" for p in b.view.processes],
+            *[line for p in rest for line in (f"processes seen inside {p.name} (ps):",
+                                              *[f"    {x}" for x in p.view.processes])],
             f"the host sees {r.host.nprocs} processes; the pods are just these:",
             *[f"    {q}" for q in r.host_sees_qemu],
             "", f"first CRI log line of demo-a's container: {a.log_line or '(none yet)'}",
@@ -74,12 +83,15 @@ pre{background:#f6f6f6;padding:.6em;overflow-x:auto}.ok{color:#176f2c}.bad{color
 
 def html_page(r) -> str:
     e = htmlmod.escape
-    a, b = r.pods
+    a, b, *rest = r.pods
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>vmcri isolation demo</title>",
              f"<style>{CSS}</style></head><body>", "<h1>vmcri: every pod is a virtual machine</h1>",
              f"<p>{e(r.runtime)} &middot; image <code>{e(r.image)}</code> &middot; "
              f"{'all checks passed' if r.ok else 'SOME CHECKS FAILED'}</p>",
-             "<h2>What each side sees</h2><table><tr>", *[f"<th>{e(c)}</th>" for c in COLS], "</tr>"]
+             "<h2>What each side sees</h2>",
+             "<p>Two pods are virtual machines, each with its own kernel. The third is a host "
+             "sandbox running the same container: namespaces on the host's kernel.</p>" if rest else "",
+             "<table><tr>", *[f"<th>{e(c)}</th>" for c in _cols(r)], "</tr>"]
     for row in _rows(r):
         parts.append("<tr>" + "".join(f"<td>{e(v)}</td>" for v in row) + "</tr>")
     parts.append("</table><h2>Checks</h2><ul>")
@@ -89,6 +101,7 @@ def html_page(r) -> str:
     parts.append("</ul><h2>Processes</h2><div class='cols'>")
     for title, lines in ((f"inside demo-a ({a.view.nprocs})", a.view.processes),
                          (f"inside demo-b ({b.view.nprocs})", b.view.processes),
+                         *[(f"inside {p.name} ({p.view.nprocs})", p.view.processes) for p in rest],
                          (f"on the host: {r.host.nprocs} processes, the pods are", r.host_sees_qemu)):
         parts.append(f"<div><h3>{e(title)}</h3><pre>{e(chr(10).join(lines))}</pre></div>")
     parts.append("</div><h2>The libvirt domains behind the pods</h2>")
