@@ -1,7 +1,8 @@
-"""The guest is hostile and has root: a privileged container in a real pod VM mounts the
-pod's 9p share itself (what any guest-kernel owner can do) and attacks every path of it
-the host touches, before CreateContainer, StartContainer, ContainerStats, RemoveContainer
-and RemovePodSandbox. After each step the host has written, mounted and deleted nothing
+"""The guest is hostile and has root: guest root in a real pod VM (a shell the test runs
+through the pod's own agent, as any guest-kernel owner could) attacks every path of the
+pod's 9p share that the host touches, before CreateContainer, StartContainer,
+ContainerStats, RemoveContainer and RemovePodSandbox. (A container cannot mount the share
+itself: the agent's mount holds the virtio-9p channel, a second mount is EBUSY.) After each step the host has written, mounted and deleted nothing
 outside the pod's own dirs (a canary host dir is checked, and /proc/self/mountinfo), and
 the daemon still answers.
 
@@ -13,19 +14,21 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 
 import pytest
 from cri_api.v1 import api_pb2 as pb
 
 from tests.support.pods import wait_for
+from vmcri.channel import AgentClient
 from tests.test_sandbox_vm import pod_config
 from vmcri.agent import protocol
 from vmcri.sandbox import hostfs
 
 pytestmark = [pytest.mark.vm, pytest.mark.registry]
 
-SHARE = "/x"  # where the attacker mounts the pod's share inside its container
+SHARE = protocol.SHARE_MOUNT  # where the guest has the pod's share mounted
 CONSOLE_FLOOD_MIB = 10
 # virtlogd's defaults (max_size 2 MiB, max_backups 3): console.log and 3 backups
 CONSOLE_BOUND = 4 * 2 * 1024 * 1024 + 65536
@@ -78,11 +81,14 @@ def hostile_pod(daemon_factory, test_images, tmp_path_factory):
         f.write("host data\n")
     attacker = _create(d, sid, cfg, test_images.multi.ref, "attacker", privileged=True)
     d.runtime.StartContainer(pb.StartContainerRequest(container_id=attacker))
+    info = json.loads(d.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(
+        pod_sandbox_id=sid, verbose=True)).info["info"])
     env = {"d": d, "sid": sid, "cfg": cfg, "image": test_images.multi.ref, "canary": canary,
-           "hostpath": hostpath, "attacker": attacker}
-    rc, out = _sh(env, f"mkdir -p {SHARE} && mount -t 9p -o trans=virtio,version=9p2000.L "
-                       f"{protocol.SHARE_TAG} {SHARE} && ls {SHARE}")
-    assert rc == 0 and "containers" in out, f"the attacker could not mount the share: {out}"
+           "hostpath": hostpath, "attacker": attacker, "agent_socket": info["agentSocket"],
+           "console": info["consoleLog"]}
+    rc, out = _guest_root(env, f"ls {SHARE}; touch {SHARE}/planted")
+    assert "containers" in out, f"guest root does not see the share: {out}"
+    assert rc != 0 and "Read-only file system" in out, f"the share's top is writable: {out}"
     yield env
     d.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid))
     d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid))
@@ -99,11 +105,24 @@ def _create(d, sid, cfg, image, name, privileged=False, mounts=()) -> str:
         pod_sandbox_id=sid, sandbox_config=cfg, config=c)).container_id
 
 
-def _sh(env, script: str, timeout: int = 120) -> tuple[int, str]:
-    r = env["d"].runtime.ExecSync(pb.ExecSyncRequest(container_id=env["attacker"],
-                                                     cmd=["/bin/sh", "-c", script + " 2>&1"],
-                                                     timeout=timeout))
-    return r.exit_code, (r.stdout + r.stderr).decode(errors="replace")
+def _guest_root(env, script: str, timeout: int = 600) -> tuple[int, str]:
+    """`script` as root in the guest's own namespaces, through the pod's agent. The agent's
+    port takes one host connection, so the daemon steps away meanwhile (pods outlive it)."""
+    d = env["d"]
+    d.stop()
+    try:
+        client = AgentClient(env["agent_socket"], connect_timeout=30, call_timeout=60)
+        try:
+            proc = client.open_process(["/bin/sh", "-c", script + " 2>&1"])
+            out = bytearray()
+            while chunk := proc.recv(65536, timeout=timeout):
+                out += chunk
+            rc = proc.exit_status(timeout)
+        finally:
+            client.close()
+    finally:
+        d.start()
+    return rc, out.decode(errors="replace")
 
 
 def _still_serving(env) -> None:
@@ -125,13 +144,13 @@ def _no_stray_mounts(env) -> None:
 def test_reproduction_symlinked_containers_dir(hostile_pod):
     env = hostile_pod
     c = env["canary"].path
-    _sh(env, f"mv {SHARE}/containers {SHARE}/containers.x; ln -s {c} {SHARE}/containers; "
-             f"ln -s {c} {SHARE}/containers.x/planted")
+    _guest_root(env, f"mv {SHARE}/containers {SHARE}/containers.x; ln -s {c} {SHARE}/containers; "
+                     f"ln -s {c} {SHARE}/containers.x/planted")
     cid = _create(env["d"], env["sid"], env["cfg"], env["image"], "victim-repro")
     env["canary"].check("CreateContainer after the containers/ swap")
     assert not glob.glob(os.path.join(c, "*", "rootfs")), "CreateContainer followed the guest's link"
     env["d"].runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
-    rc, out = _sh(env, f"ls {SHARE}/containers/{cid}/rootfs/bin/sh")
+    rc, out = _guest_root(env, f"ls {SHARE}/containers/{cid}/rootfs/bin/sh")
     assert rc == 0, f"the new container's rootfs is not in the share where the host put it: {out}"
     env["d"].runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
     env["canary"].check("RemoveContainer")
@@ -146,7 +165,7 @@ def test_skeleton_paths_of_a_container(hostile_pod):
     mount = pb.Mount(container_path="/data", host_path=env["hostpath"], readonly=True)
     cid = _create(env["d"], env["sid"], env["cfg"], env["image"], "victim-skel", mounts=[mount])
     b = f"{SHARE}/containers/{cid}"
-    _sh(env, f"mv {b}/config.json {b}/config.old; ln -s {c}/keep {b}/config.json; "
+    _guest_root(env, f"mv {b}/config.json {b}/config.old; ln -s {c}/keep {b}/config.json; "
              f"mv {b}/mounts {b}/mounts.old; ln -s {c} {b}/mounts; "
              f"rm -rf {b}/mounts.old/0/*; ln -s {c} {b}/rootfs/evil; mkdir {b}/rootfs/d; "
              f"ln -s {c}/keep {b}/rootfs/d/deep")
@@ -170,7 +189,7 @@ def test_devices_made_in_the_rootfs_are_not_opened_by_qemu(hostile_pod):
     env = hostile_pod
     cid = _create(env["d"], env["sid"], env["cfg"], env["image"], "victim-dev")
     r = f"{SHARE}/containers/{cid}/rootfs"
-    rc, out = _sh(env, f"mknod {r}/hostzero c 1 5 && head -c 4 {r}/hostzero | wc -c")
+    rc, out = _guest_root(env, f"mknod {r}/hostzero c 1 5 && head -c 4 {r}/hostzero | wc -c")
     assert out.strip().splitlines()[-1:] != ["4"], f"the guest read a host device via qemu: {out}"
     env["d"].runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
     _no_stray_mounts(env)
@@ -179,11 +198,8 @@ def test_devices_made_in_the_rootfs_are_not_opened_by_qemu(hostile_pod):
 
 def test_console_flood_is_capped(hostile_pod):
     env = hostile_pod
-    info = env["d"].runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(
-        pod_sandbox_id=env["sid"], verbose=True)).info
-    import json
-    console = json.loads(info["info"])["consoleLog"]
-    rc, out = _sh(env, "t=/dev/ttyS0; [ -c $t ] || { mknod /tmp/ttyS0 c 4 64; t=/tmp/ttyS0; }; "
+    console = env["console"]
+    rc, out = _guest_root(env, "t=/dev/ttyS0; "
                        f"i=0; while [ $i -lt {CONSOLE_FLOOD_MIB * 4} ]; do "
                        "head -c 262144 /dev/zero | tr '\\0' x > $t || exit 1; i=$((i+1)); done; "
                        "echo FLOOD-END > $t", timeout=600)
@@ -200,7 +216,7 @@ def test_remove_pod_leaves_nothing(hostile_pod, daemon_factory):
     is untouched and no mount of the pod is left on the host."""
     env = hostile_pod
     c = env["canary"].path
-    _sh(env, f"for d in {SHARE}/containers/*; do ln -s {c} $d/rootfs/link; "
+    _guest_root(env, f"for d in {SHARE}/containers/*; do ln -s {c} $d/rootfs/link; "
              f"mv $d $d.gone; ln -s {c} $d; done; ln -s {c} {SHARE}/evil")
     d, sid = env["d"], env["sid"]
     d.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid))
