@@ -60,6 +60,9 @@ class Config:
     vm_template: bool = True
     # "lazy": built in the background when the first pod VM is asked for; "start": at daemon start
     vm_template_build: str = "lazy"
+    # true: start the host's KSM at daemon start, so pod VMs' identical pages are merged
+    # (vmcri/sandbox/ksm.py; docs/security.md says what that shares). false: leave KSM alone.
+    ksm: bool = False
 
     cni_conf_dir: str = "/etc/cni/net.d"
     cni_bin_dirs: list[str] = field(default_factory=lambda: ["/opt/cni/bin", "/usr/lib/cni"])

@@ -16,7 +16,7 @@ from vmcri.cri import grpc_errors
 from vmcri.events import EventBus
 from vmcri.metrics import Metrics
 from vmcri.network import conf_template
-from vmcri.sandbox import accel
+from vmcri.sandbox import accel, ksm
 from vmcri.sandbox.virt import Hypervisor
 from vmcri.store import Store
 
@@ -128,7 +128,8 @@ class Runtime:
             "cniConfDir": self.cfg.cni_conf_dir, "cniBinDirs": self.cfg.cni_bin_dirs,
             "cniConfTemplate": self.cfg.cni_conf_template, "podCIDR": self.pod_cidr,
         }), "pool": json.dumps(self.pool.snapshot()),
-            "vmTemplate": json.dumps(self.templates.snapshot())}
+            "vmTemplate": json.dumps(self.templates.snapshot()),
+            "ksm": json.dumps({"configured": self.cfg.ksm, **ksm.status()})}
 
     def set_pod_cidr(self, pod_cidr: str) -> None:
         """The kubelet's node pod CIDR: rendered into a CNI config when a template is set;
@@ -184,6 +185,8 @@ def serve(cfg: Config) -> None:
     runtime = Runtime(cfg)
     runtime.reconcile()
     runtime.templates.prune()  # other guest images' or shapes' templates, half-written ones
+    if cfg.ksm:
+        ksm.start()
     if cfg.vm_template_build == "start":
         runtime.templates.ready()  # starts the build in the background
     runtime.pool.start()  # after reconcile: adopted VMs count towards the pool size
