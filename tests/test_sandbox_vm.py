@@ -140,7 +140,8 @@ def test_unknown_ids(vm_daemon):
 
 def test_runtime_handlers(vm_daemon):
     st = vm_daemon.runtime.Status(pb.StatusRequest())
-    assert [h.name for h in st.runtime_handlers] == ["", "vmcri"]
+    # "" and "vmcri" give a pod VM; "host" a host sandbox (host_namespace_pods = "delegate")
+    assert [h.name for h in st.runtime_handlers] == ["", "vmcri", "host"]
     with pytest.raises(grpc.RpcError) as e:
         vm_daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod_config("h"),
                                                                 runtime_handler="kata"))

@@ -40,6 +40,9 @@ _UNIT_KB = {"KB": 1, "MB": 1024, "GB": 1024 * 1024}
 _NOT_BIND_SOURCES = ("/", "/dev", "/proc", "/sys", protocol.SHARE_MOUNT)
 
 
+POD_INIT_START_S = 120
+
+
 class PodInit:
     """The pod init process: started once, watched by the agent's reaper."""
 
@@ -61,16 +64,16 @@ class PodInit:
         print(f"vmcri-agent: pod init {pid} exited ({pid1.exit_code(status)})", flush=True)
 
     def _start(self) -> int:
-        with open(os.path.join(os.path.dirname(__file__), "podinit.py")) as f:
-            source = f.read()
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "podinit.py")
         r, w = os.pipe()
         try:
-            launcher = self.agent.spawn([sys.executable, "-I", "-S", "-c", source],
+            launcher = self.agent.spawn([sys.executable, "-I", "-S", script],
                                         stdin=subprocess.DEVNULL, stdout=w)
         finally:
             os.close(w)
         with os.fdopen(r, "rb") as out:
-            status = pid1.wait_status(self.agent.reaper, launcher, 30)
+            # a Python start: seconds under TCG, far more with many VMs busy on few cores
+            status = pid1.wait_status(self.agent.reaper, launcher, POD_INIT_START_S)
             ready = select.select([out], [], [], 5)[0]
             text = out.read(64).decode(errors="replace").strip() if ready else ""
         if status is None or pid1.exit_code(status) != 0 or not text.isdigit():
