@@ -129,10 +129,49 @@ def golden_configs():
             "seccomp_runtime_default": (sec, sandbox()), "mounts_resources": (mr, sandbox())}
 
 
-@pytest.mark.parametrize("name", sorted(golden_configs()))
+# The "volumes" golden: what CreateContainer of a VM pod prepares (container_create):
+# 0 an image volume with a sub path, 1 a recursive read-only hostPath, 2 a read-only
+# hostPath with a writable submount on the host (rw in the guest: the host keeps its top
+# read-only), 3 a plain read-only hostPath.
+VOLUME_MOUNTS = [
+    cri.Mount(container_path="/models", image=cri.ImageSpec(image="registry.example/models:1"),
+              readonly=True, image_sub_path="weights"),
+    cri.Mount(container_path="/mnt/rro", host_path="/srv/rro", readonly=True,
+              recursive_read_only=True),
+    cri.Mount(container_path="/mnt/ro-sub", host_path="/srv/ro-sub", readonly=True),
+    cri.Mount(container_path="/mnt/ro", host_path="/srv/ro", readonly=True),
+]
+VOLUME_GUEST = GuestPaths(
+    hosts=GUEST.hosts, resolv_conf=GUEST.resolv_conf, hostname=GUEST.hostname, shm=GUEST.shm,
+    host_mount_to_guest={}, prepared={
+        i: ocispec.PreparedMount(f"/run/vmcri/share/containers/ctr-1/mounts/{i}", ro)
+        for i, ro in ((0, True), (1, True), (2, False), (3, True))})
+
+
+@pytest.mark.parametrize("name", sorted(golden_configs()) + ["volumes"])
 def test_golden(name):
+    if name == "volumes":
+        check_golden(name, build(container(mounts=list(VOLUME_MOUNTS)), guest=VOLUME_GUEST))
+        return
     c, sb = golden_configs()[name]
     check_golden(name, build(c, sb))
+
+
+def test_volume_mounts_options():
+    by_dest = {m["destination"]: m for m in
+               build(container(mounts=list(VOLUME_MOUNTS)), guest=VOLUME_GUEST)["mounts"]}
+    assert by_dest["/models"]["options"] == ["rbind", "rprivate", "ro"]
+    assert by_dest["/models"]["source"].endswith("/mounts/0")
+    assert by_dest["/mnt/rro"]["options"] == ["rbind", "rprivate", "ro", "rro"]
+    assert by_dest["/mnt/ro-sub"]["options"] == ["rbind", "rprivate", "rw"]
+    assert by_dest["/mnt/ro"]["options"] == ["rbind", "rprivate", "ro"]
+
+
+def test_image_volume_needs_a_prepared_source():
+    c = container(mounts=[VOLUME_MOUNTS[0]])
+    with pytest.raises(InvalidArgument, match=r"config\.mounts\[0\]\.image: image volumes "
+                                              r"are supported in VM sandboxes only"):
+        build(c)
 
 
 # ---------------------------------------------------------------- process rules

@@ -63,8 +63,9 @@ class Runtime:
                                            events=self.events, metrics=self.metrics)
 
         self.events.build_event = self._container_event
-        self.images.users_of = lambda image_id: [
-            r.id for r in self.containers.table.all() if r.image_id == image_id]
+        from vmcri.container.imagevol import image_ids
+        self.images.users_of = lambda image_id: [  # its own image and its image volumes'
+            r.id for r in self.containers.table.all() if image_id in image_ids(r)]
         from vmcri.container.container_stream import RuntimeStreamingBackend
         from vmcri.streaming.server import StreamingServer
         self.streaming = StreamingServer(self.cfg, RuntimeStreamingBackend(self.containers,

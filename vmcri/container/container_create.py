@@ -12,7 +12,7 @@ import sqlite3
 
 from cri_api.v1 import api_pb2 as pb
 
-from vmcri.container import ocispec, rootfs
+from vmcri.container import imagevol, ocispec, rootfs
 from vmcri.container.model import CREATED, CREATING, ContainerRecord
 from vmcri.container.validate import validate_container_config
 from vmcri.errors import AlreadyExists, Unavailable
@@ -46,13 +46,17 @@ def create_container(svc, sandbox_id: str, config: pb.ContainerConfig,
     # The kubelet resends the pod config; the stored one is what the VM was built from.
     sandbox_config = stored_config if not sandbox_config.ByteSize() else sandbox_config
     image = svc.images.resolve(config.image.image)
+    volumes = imagevol.resolve_images(svc.images, config)
     container_id = secrets.token_hex(32)
     md = config.metadata
+    # the row names the image volumes' images before they are mounted: RemoveImage
+    # refuses them from here on (imagevol.image_ids)
     rec = ContainerRecord(
         id=container_id, sandbox_id=sandbox.id, name=md.name, attempt=md.attempt,
         state=CREATING, created_ns=now_ns(), image=config.image.image, image_id=image.id,
         config=config.SerializeToString(), log_path=log_path_for(sandbox_config, config),
-        labels=dict(config.labels), annotations=dict(config.annotations))
+        labels=dict(config.labels), annotations=dict(config.annotations),
+        mounts=imagevol.volume_rows(volumes))
     try:
         svc.table.insert(rec)
     except sqlite3.IntegrityError:
@@ -64,12 +68,11 @@ def create_container(svc, sandbox_id: str, config: pb.ContainerConfig,
         rootfs.mount_rootfs(dirs, svc.images.layer_dirs(image), for_guest=True)
         undo.callback(rootfs.release, dirs)
 
-        guest_mounts: dict[str, str] = {}
-        for i, m in enumerate(config.mounts):
-            guest_mounts[m.host_path] = rootfs.bind_host_path(dirs, i, m.host_path, m.readonly)
+        prepared, mount_rows = _prepare_mounts(svc, dirs, config, volumes)
         paths = ocispec.GuestPaths(
             hosts=f"{GUEST_ETC}/hosts", resolv_conf=f"{GUEST_ETC}/resolv.conf",
-            hostname=f"{GUEST_ETC}/hostname", shm=GUEST_SHM, host_mount_to_guest=guest_mounts)
+            hostname=f"{GUEST_ETC}/hostname", shm=GUEST_SHM, host_mount_to_guest={},
+            prepared=prepared)
         spec = ocispec.build_spec(
             container_id, config, sandbox_config, image.raw_config.get("config") or {},
             rootfs_path=dirs.guest_rootfs, guest_paths=paths, sandbox_id=sandbox.id,
@@ -90,11 +93,29 @@ def create_container(svc, sandbox_id: str, config: pb.ContainerConfig,
         undo.callback(_guest_delete, agent, container_id)
         svc.table.update(container_id, state=CREATED,
                          stop_signal=spec["annotations"].get(ocispec.ANN_STOP_SIGNAL, "SIGTERM"),
-                         mounts=[
-            {"host": h, "guest": g} for h, g in guest_mounts.items()])
+                         mounts=mount_rows)
         undo.pop_all()
     svc.emit(container_id, "CREATED")
     return container_id
+
+
+def _prepare_mounts(svc, dirs, config: pb.ContainerConfig, volumes: dict):
+    """Every CRI mount made visible under the share: hostPaths bound, image volumes
+    mounted. Returns ocispec's prepared mounts and the row's record of them."""
+    prepared: dict[int, ocispec.PreparedMount] = {}
+    rows = []
+    for i, m in enumerate(config.mounts):
+        if i in volumes:
+            imagevol.mount_volume(dirs, i, svc.images.layer_dirs(volumes[i]), m.image_sub_path)
+            prepared[i] = ocispec.PreparedMount(dirs.guest_mount(i), readonly=True)
+            rows.append({"index": i, "image_id": volumes[i].id, "guest": dirs.guest_mount(i)})
+            continue
+        guest, submounts = rootfs.bind_host_path(dirs, i, m.host_path, m.readonly,
+                                                 m.recursive_read_only)
+        prepared[i] = ocispec.PreparedMount(guest, rootfs.guest_readonly(
+            m.readonly, m.recursive_read_only, submounts))
+        rows.append({"index": i, "host": m.host_path, "guest": guest})
+    return prepared, rows
 
 
 def _guest_delete(agent, container_id: str) -> None:

@@ -78,6 +78,15 @@ _PROPAGATION = {
 
 
 @dataclass(frozen=True)
+class PreparedMount:
+    """A CRI mount the integrator has made visible to the runtime: where (`source`) and
+    whether the runtime's bind is made read-only there (`readonly`; None: as the CRI
+    mount asks). Image volumes must be prepared; hostPaths may be (else host_mount_to_guest)."""
+    source: str
+    readonly: bool | None = None
+
+
+@dataclass(frozen=True)
 class GuestPaths:
     """Where the sandbox's shared files are, as the guest sees them.
 
@@ -86,6 +95,7 @@ class GuestPaths:
     host_mount_to_guest: maps a CRI hostPath (a host path) to the guest path where the
     integrator made it visible (e.g. under the 9p share); a callable or a mapping.
     cgroup_root: parent of the per-pod cgroups inside the guest.
+    prepared: CRI mount index -> PreparedMount, for the mounts the integrator prepared.
     """
     hosts: str
     resolv_conf: str
@@ -93,6 +103,7 @@ class GuestPaths:
     shm: str
     host_mount_to_guest: Callable[[str], str] | Mapping[str, str]
     cgroup_root: str = CGROUP_ROOT
+    prepared: Mapping[int, PreparedMount] | None = None
 
     def guest_path(self, host_path: str) -> str:
         mapper = self.host_mount_to_guest
@@ -143,6 +154,19 @@ def _bind(destination: str, source: str, readonly: bool, propagation: str = "rpr
             "options": ["rbind", propagation, "ro" if readonly else "rw", *extra]}
 
 
+def _cri_mount_source(i: int, m: api_pb2.Mount, guest: GuestPaths) -> tuple[str, bool]:
+    """(source, read-only bind) of CRI mount i."""
+    prepared = (guest.prepared or {}).get(i)
+    if m.image.image:
+        if prepared is None:
+            raise InvalidArgument(f"config.mounts[{i}].image: image volumes are supported "
+                                  f"in VM sandboxes only")
+        return prepared.source, True
+    if prepared is None:
+        return guest.guest_path(m.host_path), m.readonly
+    return prepared.source, m.readonly if prepared.readonly is None else prepared.readonly
+
+
 def build_mounts(config: api_pb2.ContainerConfig, guest: GuestPaths,
                  privileged: bool) -> tuple[list[dict], str | None]:
     """All mounts, parents before children, and the rootfs propagation they need."""
@@ -156,10 +180,10 @@ def build_mounts(config: api_pb2.ContainerConfig, guest: GuestPaths,
             rootfs_propagation = "rshared"
         elif propagation == "rslave" and rootfs_propagation is None:
             rootfs_propagation = "rslave"
-        mount = _bind(posixpath.normpath(m.container_path), guest.guest_path(m.host_path),
-                      m.readonly, propagation)
+        source, readonly = _cri_mount_source(i, m, guest)
+        mount = _bind(posixpath.normpath(m.container_path), source, readonly, propagation)
         if m.recursive_read_only:
-            mount["options"].append("rro")
+            mount["options"].append("rro")  # crun: mount_setattr(AT_RECURSIVE, RDONLY)
         cri_mounts.append(mount)
     taken = {m["destination"] for m in cri_mounts}
     readonly_etc = config.linux.security_context.readonly_rootfs

@@ -13,9 +13,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+from vmcri.container import mountapi
 from vmcri.errors import InvalidArgument
 from vmcri.sandbox import hostfs
-from vmcri.sandbox.hostfs import MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, MS_REMOUNT, _mount
+from vmcri.sandbox.hostfs import MS_NODEV, MS_NOSUID, _mount
 
 GUEST_SHARE = "/run/vmcri/share"  # where the agent mounts the 9p share in the guest
 # nodev: qemu (root, 9p passthrough) must never open a device node the guest made;
@@ -83,16 +84,32 @@ def _make_target(target: str, directory: bool) -> None:
             raise OSError(f"{target}: not a regular file") from None
 
 
-def bind_host_path(dirs: ContainerDirs, index: int, host_path: str, readonly: bool) -> str:
-    """Expose a hostPath under the share; returns its guest path."""
+def bind_host_path(dirs: ContainerDirs, index: int, host_path: str, readonly: bool,
+                   recursive_ro: bool = False) -> tuple[str, bool]:
+    """Expose a hostPath, with the mounts under it (an rbind, as runc and crun make), under
+    the share; nosuid,nodev throughout. readonly: its top only (its submounts keep their
+    own flags, as a plain ro bind on a node); recursive_ro: every mount in it.
+    Returns its guest path and whether it has submounts (then the guest must not make
+    the whole 9p view read-only, see mount_options)."""
     if not os.path.exists(host_path):
         raise InvalidArgument(f"config.mounts[{index}].host_path: {host_path!r} does not exist")
     target = os.path.join(dirs.mounts, str(index))
     _make_target(target, os.path.isdir(host_path))
-    _mount(host_path, target, None, MS_BIND)
-    flags = MS_BIND | MS_REMOUNT | GUEST_WRITABLE_FLAGS | (MS_RDONLY if readonly else 0)
-    _mount(None, target, None, flags)
-    return dirs.guest_mount(index)
+    real = os.path.realpath(host_path)
+    submounts = any(p != real for p in hostfs.mounts_under(real))
+    mountapi.bind_with_flags(mountapi.clone_tree(host_path, recursive=True), target,
+                             readonly, recursive_ro)
+    return dirs.guest_mount(index), submounts
+
+
+def guest_readonly(readonly: bool, recursive_ro: bool, submounts: bool) -> bool:
+    """Whether the guest's bind of a hostPath is made read-only. The guest sees the host's
+    mount tree as one 9p filesystem: a read-only bind there would cover the host's
+    submounts too. So a non-recursive read-only hostPath with submounts is read-only
+    where the host made it (its top), and rw in the guest."""
+    if recursive_ro:
+        return True
+    return readonly and not submounts
 
 
 def write_bundle_file(dirs: ContainerDirs, name: str, data: bytes) -> None:
@@ -109,6 +126,7 @@ def release(dirs: ContainerDirs) -> None:
     """Unmount and delete everything of one container; safe to repeat. A mount that does
     not go keeps its dirs too (remove_tree refuses), so the error says so."""
     hostfs.unmount_tree(dirs.bundle)
+    hostfs.unmount_tree(dirs.private)  # an image volume's staging mount, if a create died
     hostfs.remove_tree(dirs.bundle)
     hostfs.remove_tree(dirs.private)
     _usage_cache.pop(dirs.upper, None)

@@ -76,17 +76,34 @@ def _validate_log_path(log_path: str) -> None:
         _fail(field, f"must not contain '..', got {log_path!r}")
 
 
+def _validate_image_mount(field: str, m: api_pb2.Mount) -> None:
+    """containerd's rules for an image volume: no host path, read-only."""
+    from vmcri.container.imagevol import check_sub_path
+    _check_text(f"{field}.image.image", m.image.image)
+    if m.host_path:
+        _fail(f"{field}.host_path", "must be empty for an image volume mount")
+    if not m.readonly:
+        _fail(f"{field}.readonly", "must be true for an image volume mount")
+    check_sub_path(f"{field}.image_sub_path", m.image_sub_path)
+
+
 def _validate_mounts(mounts) -> None:
     for i, m in enumerate(mounts):
         field = f"config.mounts[{i}]"
         _check_absolute(f"{field}.container_path", m.container_path)
-        if m.image.image:
-            _fail(f"{field}.image", "image volume mounts are not supported by vmcri")
         if len(m.uidMappings) or len(m.gidMappings):
             _fail(f"{field}.uidMappings", "id-mapped mounts are not supported by vmcri")
-        _check_absolute(f"{field}.host_path", m.host_path)
+        if m.image.image:
+            _validate_image_mount(field, m)
+        else:
+            _check_absolute(f"{field}.host_path", m.host_path)
+            if m.image_sub_path:
+                _fail(f"{field}.image_sub_path", "is only for image volume mounts")
         if m.recursive_read_only and not m.readonly:
             _fail(f"{field}.recursive_read_only", "requires readonly to be true")
+        if m.recursive_read_only and m.propagation != api_pb2.PROPAGATION_PRIVATE:
+            _fail(f"{field}.propagation", "a recursive read-only mount must have "
+                  "private propagation (PROPAGATION_PRIVATE)")
         if posixpath.normpath(m.container_path) == "/":
             _fail(f"{field}.container_path", "cannot mount over the container's root")
 

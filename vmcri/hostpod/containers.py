@@ -45,6 +45,9 @@ def create_host_container(svc, sandbox, config: pb.ContainerConfig,
         rootfs.mount_rootfs(dirs, svc.images.layer_dirs(image))
         undo.callback(rootfs.release, dirs)
         for i, m in enumerate(config.mounts):
+            if m.image.image:
+                raise InvalidArgument(f"config.mounts[{i}].image: image volumes are "
+                                      f"supported in VM sandboxes only, not host sandboxes")
             if not os.path.exists(m.host_path):
                 raise InvalidArgument(f"config.mounts[{i}].host_path: {m.host_path!r} does not exist")
         spec = engine.build_spec(container_id, config, stored, image.raw_config.get("config") or {},
