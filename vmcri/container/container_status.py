@@ -35,6 +35,38 @@ def _image_names(svc, rec) -> tuple[str, str]:
     return (tags[0] if tags else rec.image), (digests[0] if digests else rec.image_id)
 
 
+def _mounts(rec, config: pb.ContainerConfig) -> list[pb.Mount]:
+    """The CRI mounts, image volumes naming their image by id (imagevol.status_mount)."""
+    from vmcri.container.imagevol import status_mount
+    volume_ids = {m.get("index"): m.get("image_id") for m in rec.mounts or []
+                  if isinstance(m, dict) and m.get("image_id")}
+    return [status_mount(m, volume_ids.get(i)) if m.image.image else m
+            for i, m in enumerate(config.mounts)]
+
+
+_users: dict[str, pb.ContainerUser] = {}
+
+
+def _user(svc, rec) -> pb.ContainerUser | None:
+    """The identity of the container's first process (uid, gid, every supplementary group),
+    as CreateContainer built it; derived again from the stored configs and the image's
+    layers (exec_identity), once per container. None when that cannot be done."""
+    hit = _users.get(rec.id)
+    if hit is not None:
+        return hit
+    from vmcri.container.exec_identity import container_process
+    try:
+        user = container_process(svc, rec)["user"]
+    except Exception:
+        return None  # the pod or image is gone, or no services (unit tests)
+    out = pb.ContainerUser(linux=pb.LinuxContainerUser(
+        uid=user["uid"], gid=user["gid"], supplemental_groups=user.get("additionalGids", [])))
+    if len(_users) > 4096:
+        _users.clear()
+    _users[rec.id] = out
+    return out
+
+
 def to_status(svc, rec) -> pb.ContainerStatus:
     config = pb.ContainerConfig.FromString(rec.config)
     signal = rec.stop_signal if rec.stop_signal in pb.Signal.keys() else "RUNTIME_DEFAULT"
@@ -45,9 +77,9 @@ def to_status(svc, rec) -> pb.ContainerStatus:
         image=pb.ImageSpec(image=image, annotations=dict(config.image.annotations),
                            user_specified_image=config.image.user_specified_image or rec.image),
         image_ref=image_ref, image_id=rec.image_id, reason=rec.reason, message=rec.message,
-        labels=rec.labels, annotations=rec.annotations, mounts=list(config.mounts),
+        labels=rec.labels, annotations=rec.annotations, mounts=_mounts(rec, config),
         log_path=rec.log_path, stop_signal=pb.Signal.Value(signal),
-        resources=pb.ContainerResources(linux=config.linux.resources))
+        resources=pb.ContainerResources(linux=config.linux.resources), user=_user(svc, rec))
 
 
 def status(svc, container_id: str, verbose: bool):
