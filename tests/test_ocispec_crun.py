@@ -290,3 +290,28 @@ def test_guest_crun_applies_cgroup_v2_resources_and_seccomp(guest_pod, busybox_r
         assert expected in out, out
     assert "memory.high=59998208" in out  # 60000000 rounded down to whole pages
     assert "Seccomp:\t2" in out and "Operation not permitted" in out
+
+
+@needs_crun
+@pytest.mark.parametrize("rro", [False, True])
+def test_crun_rro_covers_submounts_and_ro_does_not(tmp_path, busybox_rootfs, rro):
+    # critest's RRO check, by the guest's crun version (1.8.1) run on the host: a tmpfs
+    # mounted inside the read-only volume stays writable unless the mount is rro
+    from vmcri.sandbox import hostfs
+    vol = tmp_path / "volumes" / "h" / "vol"
+    (vol / "tmpfs").mkdir(parents=True)
+    hostfs._mount("none", str(vol / "tmpfs"), "tmpfs", 0, "size=1m")
+    try:
+        c = container()
+        c.linux.security_context.run_as_user.value = 0
+        c.mounts.append(cri.Mount(container_path="/data", host_path="/h/vol", readonly=True,
+                                  recursive_read_only=rro))
+        rc, out, spec = run_in_crun(tmp_path, busybox_rootfs, c, sandbox(),
+                                    "touch /data/tmpfs/file 2>&1; echo rc=$?; "
+                                    "touch /data/top 2>&1; echo top=$?")
+    finally:
+        hostfs.unmount_tree(str(vol))
+    assert rc == 0, out
+    assert ("rro" in next(m for m in spec["mounts"] if m["destination"] == "/data")["options"]) == rro
+    assert "top=1" in out and "Read-only file system" in out, out
+    assert ("rc=1" if rro else "rc=0") in out, out
