@@ -21,7 +21,6 @@ import re
 import select
 import shutil
 import stat
-import subprocess
 import sys
 import threading
 
@@ -64,13 +63,17 @@ class PodInit:
         print(f"vmcri-agent: pod init {pid} exited ({pid1.exit_code(status)})", flush=True)
 
     def _start(self) -> int:
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "podinit.py")
+        with open(os.path.join(os.path.dirname(__file__), "podinit.py"), "rb") as f:
+            source = f.read()  # a few KiB: fits the pipe, so the write never blocks
+        src_r, src_w = os.pipe()
         r, w = os.pipe()
         try:
-            launcher = self.agent.spawn([sys.executable, "-I", "-S", script],
-                                        stdin=subprocess.DEVNULL, stdout=w)
+            # the program comes on stdin: `ps` in a pod shows `python3 -I -S -`, nothing more
+            launcher = self.agent.spawn([sys.executable, "-I", "-S", "-"], stdin=src_r, stdout=w)
+            os.write(src_w, source)
         finally:
-            os.close(w)
+            for fd in (w, src_r, src_w):
+                os.close(fd)
         with os.fdopen(r, "rb") as out:
             # a Python start: seconds under TCG, far more with many VMs busy on few cores
             status = pid1.wait_status(self.agent.reaper, launcher, POD_INIT_START_S)

@@ -1,7 +1,7 @@
 """The pod init: PID 1 of the pod's PID namespace, the guest's pause process.
 
-Run by the agent as `python3 -I -S <this file>` (stdlib only, no imports from the package;
-isolated mode puts no package dir on sys.path), so `ps` in a pod shows a short command. It unshares a PID and a mount namespace and forks; the parent prints the
+Run by the agent as `python3 -I -S -` with this file's text on stdin (stdlib only, no
+imports from the package), so `ps` in a pod shows that short command and no agent path. It unshares a PID and a mount namespace and forks; the parent prints the
 child's pid (as the agent's namespace numbers it) and exits. The child is PID 1 of the
 new namespace and holds it for the pod's containers in POD mode:
 - its root is an empty read-only tmpfs, so /proc/1/root from a container leads nowhere;
