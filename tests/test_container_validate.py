@@ -140,3 +140,14 @@ def test_bad_sandbox_config_names_the_field(mutate, message):
     mutate(sb)
     with pytest.raises(InvalidArgument, match=message):
         validate_sandbox_config(sb)
+
+
+def test_bidirectional_propagation_is_refused_for_pod_vms_only():
+    from vmcri.container.validate import validate_vm_mounts
+    mounts = [cri.Mount(container_path="/a", host_path="/tmp"),
+              cri.Mount(container_path="/b", host_path="/tmp", propagation=cri.PROPAGATION_BIDIRECTIONAL)]
+    validate_container_config(cri.ContainerConfig(metadata=cri.ContainerMetadata(name="c"),
+                                                  image=cri.ImageSpec(image="i"), mounts=mounts))
+    with pytest.raises(InvalidArgument, match=r"config\.mounts\[1\]\.propagation: Bidirectional"):
+        validate_vm_mounts(mounts)
+    validate_vm_mounts(mounts[:1])

@@ -145,6 +145,23 @@ def test_read_only_keeps_submounts_writable_and_rro_does_not(env, rro_host_path,
         remove(env, cid)
 
 
+def test_bidirectional_propagation_is_refused_in_a_pod_vm(env, tmp_path):
+    """Guest mounts cannot reach the host: Bidirectional is refused naming the field (a
+    host sandbox runs it on the host, where it works); HostToContainer is accepted."""
+    d, sid, cfg, imgs = env
+    config = ctr_config("bidi", imgs.single.ref, command=["true"])
+    config.mounts.append(pb.Mount(container_path="/mnt", host_path=str(tmp_path),
+                                  propagation=pb.PROPAGATION_BIDIRECTIONAL))
+    with pytest.raises(grpc.RpcError) as e:
+        d.runtime.CreateContainer(pb.CreateContainerRequest(
+            pod_sandbox_id=sid, config=config, sandbox_config=cfg))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "config.mounts[0].propagation" in e.value.details() and "host sandbox" in e.value.details()
+    cid = create(env, "h2c", [pb.Mount(container_path="/mnt", host_path=str(tmp_path),
+                                       propagation=pb.PROPAGATION_HOST_TO_CONTAINER)])
+    remove(env, cid)
+
+
 @pytest.mark.parametrize("prop", [pb.PROPAGATION_HOST_TO_CONTAINER, pb.PROPAGATION_BIDIRECTIONAL])
 def test_rro_needs_private_propagation(env, rro_host_path, prop):
     d, sid, cfg, imgs = env

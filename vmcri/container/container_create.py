@@ -14,7 +14,7 @@ from cri_api.v1 import api_pb2 as pb
 
 from vmcri.container import imagevol, ocispec, rootfs
 from vmcri.container.model import CREATED, CREATING, ContainerRecord
-from vmcri.container.validate import validate_container_config
+from vmcri.container.validate import validate_container_config, validate_vm_mounts
 from vmcri.errors import AlreadyExists, Unavailable
 from vmcri.hostpod import pods as hostpods
 from vmcri.sandbox import hostfs
@@ -41,6 +41,7 @@ def create_container(svc, sandbox_id: str, config: pb.ContainerConfig,
             pb.PodSandboxConfig.FromString(sandbox.config)
         return create_host_container(svc, sandbox, config, sent, log_path_for(sent, config))
     validate_container_config(config)
+    validate_vm_mounts(config.mounts)
     sandbox = svc.ready_sandbox(sandbox_id)
     stored_config = pb.PodSandboxConfig.FromString(sandbox.config)
     # The kubelet resends the pod config; the stored one is what the VM was built from.

@@ -108,6 +108,19 @@ def _validate_mounts(mounts) -> None:
             _fail(f"{field}.container_path", "cannot mount over the container's root")
 
 
+def validate_vm_mounts(mounts) -> None:
+    """What a pod VM cannot do that a host sandbox can: a mount made in the guest never
+    reaches the host (9p serves the host's tree; it carries no mounts back), so
+    Bidirectional would silently be HostToContainer. Refused, as containerd refuses it on
+    a host path that is not a shared mount."""
+    for i, m in enumerate(mounts):
+        if m.propagation == api_pb2.PROPAGATION_BIDIRECTIONAL:
+            _fail(f"config.mounts[{i}].propagation",
+                  "Bidirectional cannot cross the pod VM: mounts made in the guest never "
+                  "reach the host. Use HostToContainer, or run the pod as a host sandbox "
+                  "(hostNetwork, or runtime handler \"host\"), where it works")
+
+
 def _validate_security_context(sec: api_pb2.LinuxContainerSecurityContext) -> None:
     base = "config.linux.security_context"
     _check_namespace_options(f"{base}.namespace_options", sec.namespace_options)
