@@ -24,7 +24,6 @@ import time  # noqa: E402
 
 from . import pid1, protocol  # noqa: E402
 
-LATE_MODULES = "/lib/modules/vmcri-late"
 PORT_DIR = "/dev/virtio-ports"
 
 
@@ -41,13 +40,13 @@ class Agent:
         return spawn(argv, **kw)
 
     def load_late_modules(self):
-        """insmod the non-root modules (9p, overlay, virtio_net) while paramiko imports."""
+        """insmod the non-root modules (9p, overlay, virtio_net) while paramiko imports; the
+        rest of /lib/modules/<release> loads on demand (pid1: kernel modules)."""
         try:
-            script = (f"ip link set lo up; while read -r m; do insmod {LATE_MODULES}/$m "
-                      f"|| echo \"vmcri-agent: insmod $m failed\"; done < {LATE_MODULES}/late.order")
-            pid = self.spawn(["/bin/sh", "-c", script])
+            pid = self.spawn(["/bin/sh", "-c", "ip link set lo up; " + pid1.late_modules_script()])
             pid1.wait_status(self.reaper, pid, 120)
             pid1.phase("modules-late")
+            pid1.module_static_nodes()
             self.share_mounted = pid1.mount_share_if_present()
         except Exception as e:
             print(f"vmcri-agent: late modules: {e}", flush=True)

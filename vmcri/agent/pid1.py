@@ -109,6 +109,50 @@ def mount_share_if_present(template: bool | None = None) -> bool:
     return False
 
 
+# -- kernel modules ----------------------------------------------------------------------
+# The root has the standard /lib/modules/<release>/ tree with a depmod index and kmod's
+# /sbin/modprobe, so the kernel's own on-demand loading (request_module: rtnl-link-bridge,
+# nft-chain-2-nat, xt_REDIRECT, ...) works from any container without it seeing the tree.
+MODULES_DIR = "/lib/modules"
+LATE_ORDER = "/lib/modules/vmcri-late.order"  # absolute .ko paths the agent insmods at boot
+
+
+def late_modules_script() -> str:
+    """sh script: insmod the late modules (busybox insmod: no kmod start-up per module)."""
+    return (f"while read -r m; do /bin/busybox insmod \"$m\" || "
+            f"echo \"vmcri-agent: insmod $m failed\"; done < {LATE_ORDER}")
+
+
+def module_static_nodes(devname: str | None = None, dev: str = "/dev") -> list[str]:
+    """Create the device nodes modules.devname lists (/dev/net/tun, /dev/fuse): opening one
+    makes the kernel load its module. A normal node does this with `kmod static-nodes`;
+    here the nodes must exist before a privileged container's /dev is copied from ours."""
+    if devname is None:
+        devname = os.path.join(MODULES_DIR, os.uname().release, "modules.devname")
+    made = []
+    try:
+        with open(devname) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return made
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 3 or line.startswith("#") or parts[2][:1] not in ("c", "b"):
+            continue
+        node = os.path.normpath(os.path.join(dev, parts[1]))
+        if not node.startswith(dev.rstrip("/") + "/") or os.path.lexists(node):
+            continue
+        try:
+            major, minor = (int(x) for x in parts[2][1:].split(":"))
+            os.makedirs(os.path.dirname(node), exist_ok=True)
+            kind = 0o020000 if parts[2][0] == "c" else 0o060000
+            os.mknod(node, kind | 0o600, os.makedev(major, minor))
+            made.append(node)
+        except (OSError, ValueError) as e:
+            print(f"vmcri-agent: static node {node}: {e}", flush=True)
+    return made
+
+
 def power_off() -> None:
     os.sync()
     _libc.reboot(RB_POWER_OFF)

@@ -23,6 +23,7 @@ FILES = os.path.join(HERE, "files")
 AGENT_DIR = os.path.join(os.path.dirname(HERE), "agent")
 AGENT_PACKAGE = "vmcri_agent"  # name of vmcri/agent/ inside the guest (in the stdlib dir)
 MANIFEST = "manifest.json"
+LATE_ORDER = "vmcri-late.order"  # in the root's /lib/modules: absolute paths, one a line
 KEEP_IMAGES = 3  # older image dirs are pruned after a successful build
 FORMAT = 1
 # lz4hc vs none boot equally fast under TCG (images/README.md); lz4hc is 31 MB instead of 55.
@@ -196,6 +197,10 @@ def _build_into(work: str, out: str, deb_cache: str, log) -> dict:
     root_order = kernel.load_order(root_mods, deps)
     loaded = {kernel._mod_name(p) for p in root_order}
     late_order = kernel.load_order(late_mods, deps, skip=loaded)
+    ondemand = kernel.select(debs.read_list(os.path.join(FILES, "modules-ondemand.txt")), deps)
+    # the root's module tree: the late modules and the on-demand set with all their deps
+    # (root ones too, so modules.dep is whole; modprobe skips what is already loaded)
+    tree_order = kernel.load_order(late_mods + ondemand, deps)
 
     log(f"building initramfs ({len(root_order)} modules)")
     itree = os.path.join(work, "initrd")
@@ -220,9 +225,12 @@ def _build_into(work: str, out: str, deb_cache: str, log) -> dict:
     _trim(rtree)
     _busybox_links(rtree, "bin/busybox", ["bin", "sbin", "usr/bin", "usr/sbin"])
     os.symlink("python3.11", os.path.join(rtree, "usr", "bin", "python3"))
-    late_names = kernel.copy_modules(ktree, release, late_order, os.path.join(rtree, "lib", "modules", "vmcri-late"))
-    with open(os.path.join(rtree, "lib", "modules", "vmcri-late", "late.order"), "w") as f:
-        f.write("".join(n + "\n" for n in late_names))
+    log(f"module tree: {len(tree_order)} modules, {len(late_order)} loaded at boot")
+    kernel.install_tree(ktree, release, tree_order, rtree, work,
+                        xz=set(tree_order) - set(late_order))
+    # the agent insmods these (uncompressed, busybox) while paramiko imports
+    with open(os.path.join(rtree, "lib", "modules", LATE_ORDER), "w") as f:
+        f.write("".join(f"/lib/modules/{release}/{p.removesuffix('.xz')}\n" for p in late_order))
     _install_agent(rtree)
     _etc_and_mountpoints(rtree)
     _compile_pyc(rtree, log)
@@ -234,6 +242,7 @@ def _build_into(work: str, out: str, deb_cache: str, log) -> dict:
         "packages": {n: d.version for n, d in sorted(resolved.items())},
         "modules_root": [kernel._mod_name(p) for p in root_order],
         "modules_late": [kernel._mod_name(p) for p in late_order],
+        "modules_tree": sorted(kernel._mod_name(p) for p in tree_order),
         "cmdline": BASE_CMDLINE,
         "erofs_compression": EROFS_COMPRESSION,
         "agent_port": "vmcri.agent",
