@@ -63,6 +63,9 @@ class Config:
     # true: start the host's KSM at daemon start, so pod VMs' identical pages are merged
     # (vmcri/sandbox/ksm.py; docs/security.md says what that shares). false: leave KSM alone.
     ksm: bool = False
+    # "native": the agent starts an exec in the container itself (vmcri/agent/nsexec.py);
+    # "crun": one `crun exec` per exec, as before (slower by a process start under TCG)
+    exec_runner: str = "native"
 
     cni_conf_dir: str = "/etc/cni/net.d"
     cni_bin_dirs: list[str] = field(default_factory=lambda: ["/opt/cni/bin", "/usr/lib/cni"])
@@ -215,6 +218,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"default_memory_mib: {cfg.default_memory_mib} is below min_memory_mib {cfg.min_memory_mib}")
     if not 0 <= cfg.pool_size <= 64:
         raise ConfigError(f"pool_size: {cfg.pool_size} is not within 0..64")
+    if cfg.exec_runner not in ("native", "crun"):
+        raise ConfigError(f"exec_runner: {cfg.exec_runner!r} is not native or crun")
     if cfg.vm_template_build not in ("lazy", "start"):
         raise ConfigError(f"vm_template_build: {cfg.vm_template_build!r} is not lazy or start")
     if not 1 <= cfg.pool_max_concurrent_boots <= 16:

@@ -1,30 +1,80 @@
-"""Exec in a container with the container's identity: the host sends the OCI process
-object (built by its spec builder, never read back from the share); the agent writes it
-to a guest-private file and runs `crun exec --process FILE`, which joins the container's
-namespaces and cgroup and applies the container's seccomp filter from crun's own state.
+"""Exec in a container with the container's identity. The host sends the OCI process object
+(built by its spec builder, never read back from the share). The agent starts it itself
+(nsexec.py): it joins the container's cgroup and namespaces and loads the container's
+seccomp filter, compiled once per container. Where that path does not apply (nsexec.plan),
+or the host asks for it (`runner: crun`), the agent writes the process to a guest-private
+file and runs `crun exec --process FILE`, which does the same from crun's own state.
+
+Either way the exec'd process's pid is in protocol.exec_pid_file(token) while it runs: on an
+ExecSync timeout the host waits for that file to go, which tells it the process is dead.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
+import threading
+from dataclasses import dataclass
 
-from . import protocol
+from . import nsexec, protocol
 from .handlers_container import ContainerEntry
 from .handlers_system import AgentCallError
 
+_compile_lock = threading.Lock()
 
-def exec_argv(agent, ce: dict):
-    """(argv of crun exec, its end callback) for a validated container_exec."""
-    entry = agent.procs.get(ce["id"])
+
+@dataclass
+class Launch:
+    """How to start one exec: `spawner(stdio, tty) -> pid` for the native path, or `argv`
+    (crun exec) for the process table's own spawn; `on_end(status)` cleans up."""
+    argv: list[str]
+    spawner: object
+    on_end: object
+    own_pty: bool  # True: crun exec -t makes a pty of its own inside the container
+
+
+def _running_entry(agent, cid: str) -> ContainerEntry:
+    entry = agent.procs.get(cid)
     if not isinstance(entry, ContainerEntry):
-        raise AgentCallError("NotFound", f"container_exec.id: no container {ce['id']!r}")
+        raise AgentCallError("NotFound", f"container_exec.id: no container {cid!r}")
     if entry.status is not None or not entry.started:
         raise AgentCallError("FailedPrecondition",
-                             f"container_exec.id: container {ce['id']!r} is not running")
+                             f"container_exec.id: container {cid!r} is not running")
+    return entry
+
+
+def exec_info(entry: ContainerEntry) -> nsexec.ContainerExecInfo:
+    """The container's exec info, its seccomp profile compiled at the first call."""
+    with _compile_lock:
+        if entry.exec_info is None:
+            entry.exec_info = nsexec.exec_info(entry.exec_spec or {}, entry.cgroup)
+        return entry.exec_info
+
+
+def prepare(agent, ce: dict) -> Launch:
+    """The Launch of a validated container_exec."""
+    entry = _running_entry(agent, ce["id"])
     os.makedirs(protocol.EXEC_DIR, mode=0o700, exist_ok=True)
-    process_file = os.path.join(protocol.EXEC_DIR, f"{ce['token']}.json")
     pid_file = protocol.exec_pid_file(ce["token"])
+    plan = None
+    if ce.get("runner", "native") == "native":
+        plan = nsexec.plan(ce["process"], exec_info(entry))
+    if plan is None:
+        return _crun_launch(entry, ce, pid_file)
+
+    def spawner(stdio, tty):
+        pid = nsexec.spawn(plan, entry.pid, entry.cgroup, stdio, tty, agent.reaper)
+        fd = os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(pid))
+        return pid
+    if os.path.lexists(pid_file):
+        raise AgentCallError("AlreadyExists", "container_exec.token: already in use")
+    return Launch(plan.argv, spawner, lambda status: _unlink(pid_file), own_pty=False)
+
+
+def _crun_launch(entry: ContainerEntry, ce: dict, pid_file: str) -> Launch:
+    process_file = os.path.join(protocol.EXEC_DIR, f"{ce['token']}.json")
     try:
         fd = os.open(process_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
@@ -32,10 +82,19 @@ def exec_argv(agent, ce: dict):
     with os.fdopen(fd, "w") as f:
         json.dump(ce["process"], f)
     argv = ["crun", "exec", "--process", process_file, "--pid-file", pid_file, entry.id]
-    return argv, lambda status: _ended(status, process_file, pid_file)
+    return Launch(argv, None, lambda status: _crun_ended(status, process_file, pid_file),
+                  own_pty=True)
 
 
-def _ended(status: int, process_file: str, pid_file: str) -> None:
+def _unlink(*paths: str) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _crun_ended(status: int, process_file: str, pid_file: str) -> None:
     """crun exec is gone. Killed (the host's ExecSync timeout), it leaves the exec'd process
     orphaned in the container: that process is killed too. The pid file goes last, so its
     absence tells the host the kill is done."""
@@ -47,8 +106,4 @@ def _ended(status: int, process_file: str, pid_file: str) -> None:
                 os.kill(pid, signal.SIGKILL)
         except (OSError, ValueError):
             pass
-    for path in (process_file, pid_file):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+    _unlink(process_file, pid_file)

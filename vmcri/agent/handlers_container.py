@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 from . import pid1, podenv, protocol
@@ -48,6 +49,8 @@ class ContainerEntry(OutputSource):
         self.stdin_once = stdin_once
         self.cgroup = cgroup
         self.started = False
+        self.exec_spec: dict | None = None  # what an exec needs of config.json (execproc.py)
+        self.exec_info = None               # ... compiled from it at the first exec
 
     def _stdin_ended(self, chan, first: bool) -> bool:
         return first and self.stdin_once  # as containerd: only the first attacher's EOF counts
@@ -171,6 +174,7 @@ def container_create(agent, params):
     bundle = os.path.join(SHARE_MOUNT, "containers", cid)  # = params["bundle"] in the guest
     spec = _load_config(bundle, params["tty"])
     entry = ContainerEntry(cid, params["tty"], params["stdin"], params["stdin_once"], _cgroup_dir(spec))
+    entry.exec_spec = _exec_spec(spec)
     try:
         agent.procs.adopt(entry)
     except FileExistsError:
@@ -194,6 +198,12 @@ def container_create(agent, params):
     finally:
         shutil.rmtree(state, ignore_errors=True)
     return {"id": cid, "pid": entry.pid}
+
+
+def _exec_spec(spec: dict) -> dict:
+    linux = spec.get("linux") if isinstance(spec.get("linux"), dict) else {}
+    keep = {k: linux[k] for k in ("namespaces", "seccomp", "personality") if k in linux}
+    return {"linux": keep, "process": {"ioPriority": spec["process"].get("ioPriority")}}
 
 
 def _pod_init(agent) -> podenv.PodInit:
@@ -279,6 +289,9 @@ def container_start(agent, params):
     if rc != 0:
         raise AgentCallError("Failed", f"crun start {entry.id}: {out}")
     entry.started = True
+    from .execproc import exec_info  # compile the seccomp filter before the first exec needs it
+    threading.Thread(target=exec_info, args=(entry,), name=f"exec-info-{entry.id[:12]}",
+                     daemon=True).start()
     return entry.state()
 
 

@@ -36,11 +36,17 @@ class Process(OutputSource):
     a pump has delivered its exit status."""
 
     def __init__(self, pid_id: str, reaper: Reaper, argv, env, cwd, tty: bool, want_stdin: bool,
-                 size: tuple[int, int] | None = None, on_end=None):
+                 size: tuple[int, int] | None = None, on_end=None, spawner=None,
+                 own_pty: bool = False):
         super().__init__(pid_id, tty)
         self._on_end = on_end  # called with the wait status once the process has exited
+        self._own_pty = own_pty  # the child runs on a pty of its own (crun exec -t)
         full_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
         full_env.update(env)
+        if spawner is None:  # spawner((stdin, stdout, stderr), tty) -> pid
+            spawner = lambda stdio, tty: spawn(argv, env=full_env, cwd=cwd, tty_fd=stdio[0]) \
+                if tty else spawn(argv, env=full_env, cwd=cwd, stdin=stdio[0], stdout=stdio[1],
+                                  stderr=stdio[2])
         if tty:
             full_env.setdefault("TERM", "xterm")
             master, slave = os.openpty()
@@ -48,7 +54,7 @@ class Process(OutputSource):
             if size is not None:  # before the child starts: it may ask for its size at once
                 self.resize(*size)
             try:
-                self.pid = spawn(argv, env=full_env, cwd=cwd, tty_fd=slave)
+                self.pid = spawner((slave, slave, slave), True)
             finally:
                 os.close(slave)
             self.start_reader(os.dup(master), 1)
@@ -56,17 +62,16 @@ class Process(OutputSource):
             r_in, w_in = os.pipe() if want_stdin else (None, None)
             r_out, w_out = os.pipe()
             r_err, w_err = os.pipe()
+            devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) if not want_stdin else None
             try:
-                self.pid = spawn(argv, env=full_env, cwd=cwd,
-                                 stdin=r_in if want_stdin else subprocess.DEVNULL,
-                                 stdout=w_out, stderr=w_err)
+                self.pid = spawner((r_in if want_stdin else devnull, w_out, w_err), False)
             except BaseException:
                 for fd in (r_in, w_in, r_out, r_err):
                     if fd is not None:
                         os.close(fd)
                 raise
             finally:
-                for fd in (r_in, w_out, w_err):
+                for fd in (r_in, w_out, w_err, devnull):
                     if fd is not None:
                         os.close(fd)
             self._stdin_fd = w_in
@@ -92,7 +97,7 @@ class Process(OutputSource):
 
     def resize(self, cols: int, rows: int) -> None:
         super().resize(cols, rows)
-        if self.tty and self.pid > 0 and self.status is None:
+        if self.tty and self._own_pty and self.pid > 0 and self.status is None:
             ttysize.propagate(self.pid, cols, rows)  # `crun exec -t` keeps a pty of its own
 
     def signal(self, name: str) -> None:
@@ -114,7 +119,7 @@ class ProcessTable:
         self._seq = 0
 
     def start(self, params: dict, size: tuple[int, int] | None = None,
-              on_end=None) -> Process:
+              on_end=None, spawner=None, own_pty: bool = False) -> Process:
         with self._lock:
             self._gc()
             pid_id = params.get("id")
@@ -126,7 +131,7 @@ class ProcessTable:
             self._procs[pid_id] = None  # reserve
         try:
             proc = Process(pid_id, self.reaper, params["argv"], params["env"], params["cwd"],
-                           params["tty"], params["stdin"], size, on_end)
+                           params["tty"], params["stdin"], size, on_end, spawner, own_pty)
         except BaseException:
             with self._lock:
                 self._procs.pop(pid_id, None)

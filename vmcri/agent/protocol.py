@@ -226,6 +226,8 @@ _CAP_RE = re.compile(r"^CAP_[A-Z_]{1,32}$")
 _PROCESS_KEYS = {"terminal", "user", "args", "env", "cwd", "capabilities", "noNewPrivileges",
                  "oomScoreAdj", "rlimits", "apparmorProfile", "selinuxLabel"}
 EXEC_DIR = "/run/vmcri/exec"
+# native: the agent joins the container itself (nsexec.py); crun: `crun exec` per exec
+EXEC_RUNNERS = ("native", "crun")
 
 
 def exec_pid_file(token: str) -> str:
@@ -286,12 +288,18 @@ def _oci_process(field, p, tty):
 
 
 def _container_exec(ce, tty):
-    if not isinstance(ce, dict) or set(ce) != {"id", "token", "process"}:
-        raise ProtocolError("container_exec: expected an object with id, token and process")
+    if not isinstance(ce, dict) or not {"id", "token", "process"} <= set(ce) <= \
+            {"id", "token", "process", "runner"}:
+        raise ProtocolError("container_exec: expected an object with id, token, process "
+                            "and optionally runner")
     token = _str("container_exec.token", ce["token"], 16)
     if not _TOKEN_RE.match(token):
         raise ProtocolError("container_exec.token: expected 16 hex digits")
-    return {"id": check_id("container_exec.id", ce["id"]), "token": token,
+    runner = ce.get("runner", "native")
+    if runner not in EXEC_RUNNERS:
+        raise ProtocolError(f"container_exec.runner: {str(runner)[:40]!r} is not one of "
+                            f"{', '.join(EXEC_RUNNERS)}")
+    return {"id": check_id("container_exec.id", ce["id"]), "token": token, "runner": runner,
             "process": _oci_process("container_exec.process", ce["process"], tty)}
 
 

@@ -178,13 +178,15 @@ class SessionServer(paramiko.ServerInterface):
                 size = self._ptys.get(chan.get_id())
             if size is not None:
                 params = dict(params, tty=True)
-            on_end = None
+            on_end = spawner = None
+            own_pty = False
             try:
                 if "container_exec" in params:
-                    from .execproc import exec_argv
-                    argv, on_end = exec_argv(self.agent, params["container_exec"])
-                    params = dict(params, argv=argv)
-                proc = procs.start(params, size, on_end)
+                    from .execproc import prepare
+                    launch = prepare(self.agent, params["container_exec"])
+                    on_end, spawner, own_pty = launch.on_end, launch.spawner, launch.own_pty
+                    params = dict(params, argv=launch.argv)
+                proc = procs.start(params, size, on_end, spawner, own_pty)
             except AgentCallError as e:
                 return self._fail(chan, e.kind, str(e))
             except FileExistsError as e:

@@ -2,7 +2,8 @@
 
 The exec'd process is the container's process (user, groups, capabilities,
 no_new_privs, env, cwd) with the exec's args, as containerd makes it: the host derives it
-(exec_identity.py) and the agent runs it with `crun exec --process`."""
+(exec_identity.py) and the agent starts it in the container's namespaces itself, or with
+`crun exec --process` (config `exec_runner`)."""
 from __future__ import annotations
 
 import secrets
@@ -16,15 +17,19 @@ MAX_EXEC_OUTPUT = 16 * 1024 * 1024  # the kubelet's own cap on ExecSync output
 DEFAULT_TIMEOUT_S = 3600
 KILL_TIMEOUT_S = 10
 
-# On a timeout the host kills `crun exec`; the agent then kills the exec'd process, which
-# would be orphaned in the container, and removes its pid file (protocol.exec_pid_file).
+# On a timeout the host kills the exec (for crun exec, the agent then kills the exec'd
+# process, which would be orphaned in the container) and waits for its pid file
+# (protocol.exec_pid_file) to go, which the agent removes once the process is dead.
 _AWAIT_KILL = 'i=0; while [ -e "$1" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; [ ! -e "$1" ]'
 
 
 def exec_request(svc, rec, cmd: list[str], tty: bool) -> dict:
     """The container_exec object of the agent protocol for `cmd` in container `rec`."""
     process = ocispec_process.exec_process(container_process(svc, rec), cmd, tty)
-    return {"id": rec.id, "token": secrets.token_hex(8), "process": process}
+    request = {"id": rec.id, "token": secrets.token_hex(8), "process": process}
+    if svc.cfg.exec_runner != "native":
+        request["runner"] = svc.cfg.exec_runner
+    return request
 
 
 def exec_sync(svc, container_id: str, cmd: list[str], timeout: int):
