@@ -27,6 +27,8 @@ def markdown(res: dict) -> str:
          f"Host: {res['meta']['host']}. TCG, wall clock, medians unless noted. "
          "Variants: " + "; ".join(f"**{v['label']}** = image `{os.path.basename(os.path.realpath(v['image_dir']))}`, "
                                   f"tb-cache {v['tb_mib']} MiB" for v in res["meta"].get("variants", [])), ""]
+    if res["meta"].get("containerd"):
+        L += [f"containerd side (P3/P4, P8, P9): {res['meta']['containerd']}", ""]
     if labels:
         head = "| metric | " + " | ".join(labels) + " |"
         L += ["## P1 sandbox ready (interleaved with the floor, same run)", "", head,
@@ -66,36 +68,7 @@ def markdown(res: dict) -> str:
                       f"min {a['sandbox_s']['min'] / b['sandbox_s']['min']:.2f}×; floor median "
                       f"{a['floor_s']['median'] / b['floor_s']['median']:.2f}×{cpu}."]
         L.append("")
-    ctr = res.get("p3", {})
-    if ctr:
-        cl = _order(res, ctr)
-        L += ["## P3 container start, P4 ExecSync, P5 idle memory", "",
-              "| metric | " + " | ".join(cl) + " |", "|---|" + "---|" * len(cl)]
-
-        def g(r, *path):
-            for p in path:
-                if not isinstance(r, dict) or p not in r:
-                    return None
-                r = r[p]
-            return r
-        rows = [
-            ("P3 first container Create+Start → RUNNING (s)", lambda r: _f(g(r, "first_container_s"), "{:.3f}")),
-            ("P3 Create+Start → RUNNING, median (s)", lambda r: _f(g(r, "create_start_running_s", "median"), "{:.3f}")),
-            ("P3 CreateContainer median (s)", lambda r: _f(g(r, "create_s", "median"), "{:.3f}")),
-            ("P3 StartContainer median (s)", lambda r: _f(g(r, "start_s", "median"), "{:.3f}")),
-            ("P4 ExecSync `true` p50 (ms)", lambda r: _f(g(r, "exec_true_ms", "median"), "{:.1f}")),
-            ("P4 ExecSync `true` p95 (ms)", lambda r: _f(g(r, "exec_true_ms", "p95"), "{:.1f}")),
-            ("P5 idle qemu RSS (MiB)", lambda r: _f(_mib(g(r, "idle", "qemu", "VmRSS")), "{:.0f}")),
-            ("P5 idle qemu PSS (MiB)", lambda r: _f(_mib(g(r, "idle", "qemu", "Pss")), "{:.0f}")),
-            ("P5 idle qemu anon RSS (MiB)", lambda r: _f(_mib(g(r, "idle", "qemu", "RssAnon")), "{:.0f}")),
-            ("P5 daemon RSS / PSS, 1 pod (MiB)", lambda r: f"{_f(_mib(g(r, 'idle', 'daemon', 'VmRSS')), '{:.0f}')} / "
-                                                        f"{_f(_mib(g(r, 'idle', 'daemon', 'Pss')), '{:.0f}')}"),
-            ("P5 guest MemTotal / MemAvailable (MiB)", lambda r: f"{_f(_mib(g(r, 'guest_meminfo_kib', 'MemTotal')), '{:.0f}')} / "
-                                                              f"{_f(_mib(g(r, 'guest_meminfo_kib', 'MemAvailable')), '{:.0f}')}"),
-            ("error", lambda r: r.get("error", "")),
-        ]
-        L += ["| " + name + " | " + " | ".join(str(fn(ctr[c])) for c in cl) + " |" for name, fn in rows]
-        L.append("")
+    L += _p3_markdown(res)
     if res.get("p6"):
         L += [f"## P6 density ({res['p6']['label']})", "",
               "| N | mode | ok | wall (s) | per pod median / max (s) | qemu PSS sum (MiB) | host used (MiB) | daemon RSS (MiB) | errors |",
@@ -113,6 +86,9 @@ def markdown(res: dict) -> str:
     if res.get("p8"):
         from bench import streaming
         L += streaming.markdown(res["p8"])
+    if res.get("p9"):
+        from bench import volumes
+        L += volumes.markdown(res["p9"])
     if res.get("p7"):
         p = res["p7"]
         L += ["## P7 image pull (local registry)", "",
@@ -122,6 +98,57 @@ def markdown(res: dict) -> str:
               f"{p['vmcri_median_s'] / p['skopeo_copy_median_s']:.2f} | "
               f"{p['vmcri_median_s'] / p['skopeo_copy_untar_median_s']:.2f} |", ""]
     return "\n".join(L)
+
+
+def _g(r, *path):
+    for p in path:
+        if not isinstance(r, dict) or p not in r:
+            return None
+        r = r[p]
+    return r
+
+
+def _p3_markdown(res: dict) -> list[str]:
+    ctr = res.get("p3", {})
+    if not ctr:
+        return []
+    cl = _order(res, ctr)
+    vm = [c for c in cl if c != "containerd"]
+    base = "containerd" if "containerd" in ctr and "error" not in ctr["containerd"] else None
+    g = _g
+    L = ["## P3 container start, P4 ExecSync, P5 idle memory", "",
+         "| metric | " + " | ".join(cl) + "".join(f" | {c} / containerd" for c in vm if base) + " |",
+         "|---|" + "---|" * (len(cl) + (len(vm) if base else 0))]
+    num = [  # (name, path, format): these get a ratio column against containerd
+        ("P3 first container Create+Start → RUNNING (s)", ("first_container_s",), "{:.3f}"),
+        ("P3 Create+Start → RUNNING, median (s)", ("create_start_running_s", "median"), "{:.3f}"),
+        ("P3 CreateContainer median (s)", ("create_s", "median"), "{:.3f}"),
+        ("P3 StartContainer median (s)", ("start_s", "median"), "{:.3f}"),
+        ("P4 ExecSync `true` p50 (ms)", ("exec_true_ms", "median"), "{:.1f}"),
+        ("P4 ExecSync `true` p95 (ms)", ("exec_true_ms", "p95"), "{:.1f}"),
+    ]
+    for name, path, fmt in num:
+        cells = [_f(g(ctr[c], *path), fmt) for c in cl]
+        if base:
+            b = g(ctr[base], *path)
+            cells += [_f(g(ctr[c], *path) / b if g(ctr[c], *path) is not None and b else None) for c in vm]
+        L.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows = [
+        ("P5 idle qemu RSS (MiB)", lambda r: _f(_mib(g(r, "idle", "qemu", "VmRSS")), "{:.0f}")),
+        ("P5 idle qemu PSS (MiB)", lambda r: _f(_mib(g(r, "idle", "qemu", "Pss")), "{:.0f}")),
+        ("P5 idle qemu anon RSS (MiB)", lambda r: _f(_mib(g(r, "idle", "qemu", "RssAnon")), "{:.0f}")),
+        ("P5 daemon RSS / PSS, 1 pod (MiB)", lambda r: f"{_f(_mib(g(r, 'idle', 'daemon', 'VmRSS')), '{:.0f}')} / "
+                                                    f"{_f(_mib(g(r, 'idle', 'daemon', 'Pss')), '{:.0f}')}"),
+        ("P5 guest MemTotal / MemAvailable (MiB)", lambda r: f"{_f(_mib(g(r, 'guest_meminfo_kib', 'MemTotal')), '{:.0f}')} / "
+                                                          f"{_f(_mib(g(r, 'guest_meminfo_kib', 'MemAvailable')), '{:.0f}')}"),
+        ("error", lambda r: r.get("error", "")),
+    ]
+    pad = " | " * (len(vm) if base else 0)
+    L += ["| " + name + " | " + " | ".join(str(fn(ctr[c])) for c in cl) + pad + " |" for name, fn in rows]
+    if base:
+        L += ["", "containerd = Debian's containerd + runc, hostNetwork pod, same CRI calls, interleaved; "
+                  "its 'daemon' is containerd itself. Ratios >1: vmcri slower."]
+    return L + [""]
 
 
 def plot(res: dict, path: str) -> None:
