@@ -138,3 +138,23 @@ def test_hostile_container_exec_names_the_field(params, field):
     with pytest.raises(ProtocolError) as e:
         protocol.validate("run", params)
     assert str(e.value).startswith(field), e.value
+
+
+# -- the cached rootfs view (protocol.ROOTFS_TAG) ------------------------------------------
+
+def test_root_moves_to_the_cached_view_only_when_it_is_mounted(tmp_path):
+    shared = protocol.container_bundle("c1") + "/rootfs"
+    spec = {"root": {"path": shared}}
+    podenv._cached_root("c1", spec, rootfs_mount=str(tmp_path))  # not a mount point
+    assert spec["root"]["path"] == shared
+    podenv._cached_root("c1", spec, rootfs_mount="/proc")  # a mount point stands in for it
+    assert spec["root"]["path"] == "/proc/containers/c1/rootfs"
+    other = {"root": {"path": protocol.container_bundle("c2") + "/rootfs"}}
+    podenv._cached_root("c1", other, rootfs_mount="/proc")  # another container's: left alone
+    assert other["root"]["path"] == protocol.container_bundle("c2") + "/rootfs"
+
+
+def test_the_cached_view_is_not_a_bind_source():
+    spec = {"mounts": [{"destination": "/x", "type": "bind", "source": protocol.ROOTFS_MOUNT}]}
+    with pytest.raises(AgentCallError, match="guest's own"):
+        podenv._check_mounts(spec)

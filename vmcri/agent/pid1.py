@@ -86,7 +86,8 @@ def booted_as_template() -> bool:
 
 
 def mount_share_if_present(template: bool | None = None) -> bool:
-    """Mount the 9p share (tag SHARE_TAG) at SHARE_MOUNT; needs the late 9p modules.
+    """Mount the 9p share (tag SHARE_TAG) at SHARE_MOUNT, and its cached view for root
+    filesystems (ROOTFS_TAG) at ROOTFS_MOUNT when the VM has it; needs the late 9p modules.
     A template guest leaves it for clone_init: QEMU cannot save a guest whose 9p export
     is mounted."""
     if booted_as_template() if template is None else template:
@@ -96,17 +97,21 @@ def mount_share_if_present(template: bool | None = None) -> bool:
         devs = os.listdir(base)
     except OSError:
         return False
+    tags = set()
     for d in devs:
         try:
             with open(os.path.join(base, d, "mount_tag"), "rb") as f:
-                tag = f.read().rstrip(b"\0\n").decode()
+                tags.add(f.read().rstrip(b"\0\n").decode())
         except OSError:
             continue
-        if tag == protocol.SHARE_TAG:
-            mount(protocol.SHARE_TAG, protocol.SHARE_MOUNT, "9p", 0,
-                  "trans=virtio,version=9p2000.L,msize=262144,cache=none")
-            return True
-    return False
+    if protocol.SHARE_TAG not in tags:
+        return False
+    mount(protocol.SHARE_TAG, protocol.SHARE_MOUNT, "9p", 0,
+          "trans=virtio,version=9p2000.L,msize=262144,cache=none")
+    if protocol.ROOTFS_TAG in tags:  # see protocol.ROOTFS_TAG; without it rootfs are uncached
+        mount(protocol.ROOTFS_TAG, protocol.ROOTFS_MOUNT, "9p", 0,
+              "trans=virtio,version=9p2000.L,msize=262144,cache=loose")
+    return True
 
 
 # -- kernel modules ----------------------------------------------------------------------

@@ -36,7 +36,7 @@ POD_INIT_OOM_SCORE = "-998"  # as containerd's pause: the last thing the OOM kil
 POD_INIT_CGROUP = {"pids.max": "16", "memory.max": str(64 << 20)}
 _PAGE_SIZE = re.compile(r"^([1-9][0-9]{0,6})(KB|MB|GB)$")
 _UNIT_KB = {"KB": 1, "MB": 1024, "GB": 1024 * 1024}
-_NOT_BIND_SOURCES = ("/", "/dev", "/proc", "/sys", protocol.SHARE_MOUNT)
+_NOT_BIND_SOURCES = ("/", "/dev", "/proc", "/sys", protocol.SHARE_MOUNT, protocol.ROOTFS_MOUNT)
 
 
 POD_INIT_START_S = 120
@@ -306,6 +306,15 @@ def _check_mounts(spec: dict) -> bool:
     return pod_dev
 
 
+def _cached_root(cid: str, spec: dict, rootfs_mount: str = protocol.ROOTFS_MOUNT) -> None:
+    """The container's own rootfs through the cached 9p view, when the VM has one."""
+    root = spec.get("root")
+    shared = protocol.container_bundle(cid) + "/rootfs"
+    if isinstance(root, dict) and root.get("path") in (shared, "rootfs") \
+            and os.path.ismount(rootfs_mount):
+        root["path"] = f"{rootfs_mount}/containers/{cid}/rootfs"
+
+
 def prepare_spec(cid: str, spec: dict, pod_init: PodInit, target_pid) -> str:
     """Resolve the spec's placeholders; returns the guest-private config file for crun."""
     linux = spec.get("linux")
@@ -318,6 +327,7 @@ def prepare_spec(cid: str, spec: dict, pod_init: PodInit, target_pid) -> str:
         resources["hugepageLimits"] = filter_hugepages(resources["hugepageLimits"],
                                                        "linux.resources.hugepageLimits")
     pod_dev = _check_mounts(spec)
+    _cached_root(cid, spec)
     _resolve_namespaces(linux, pod_init, target_pid)
     blocked = control_devices()
     devices = resources.setdefault("devices", [])

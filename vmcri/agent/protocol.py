@@ -38,6 +38,13 @@ import re
 PORT_NAME = "vmcri.agent"
 SHARE_TAG = "vmcri-share"
 SHARE_MOUNT = "/run/vmcri/share"
+# The same export through a second 9p device, mounted with the guest's page cache
+# (cache=loose), for container root filesystems only: the host never writes into a running
+# container's rootfs, so nothing can go stale, and an exec no longer reads its binary and
+# libraries over 9p each time. Volumes (hostPath, configMap...) stay on SHARE_MOUNT, uncached,
+# because the host changes them under the guest.
+ROOTFS_TAG = "vmcri-rootfs"
+ROOTFS_MOUNT = "/run/vmcri/rootfs"
 READY_MARKER = "VMCRI-AGENT-READY"
 # Placeholders of the OCI spec the host writes; the agent swaps in the real guest paths.
 POD_PID_NS = "/run/vmcri/ns/pod/pid"            # the pod's PID namespace (its pod init's)

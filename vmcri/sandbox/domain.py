@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import jinja2
 
 from vmcri.agent.protocol import PORT_NAME as AGENT_PORT
-from vmcri.agent.protocol import SHARE_TAG
+from vmcri.agent.protocol import ROOTFS_TAG, SHARE_TAG
 
 METADATA_NS = "https://vmcri.dev/xmlns/sandbox/1"
 DOMAIN_PREFIX = "vmcri-"
@@ -63,6 +63,7 @@ class DomainSpec:
     tb_cache_mib: int = 32
     share_dir: str | None = None
     share_tag: str = SHARE_TAG
+    rootfs_tag: str = ROOTFS_TAG  # the same export again, which the guest caches (protocol.py)
     agent_port: str = AGENT_PORT
     nic: NicSpec | None = None
     # VM generation id (vmgenid): a clone restored with a new one reseeds the guest's RNG
