@@ -140,4 +140,29 @@ def status_mount(mount: pb.Mount, image_id: str | None) -> pb.Mount:
         asked = mount.image.user_specified_image or mount.image.image
         out.image.image = image_id
         out.image.user_specified_image = asked
+        set_image_ref(out.image, image_id)
     return out
+
+
+IMAGE_REF_FIELD = 20  # ImageSpec.image_ref (KEP-5365), newer than the stubs we ship
+
+
+def set_image_ref(spec: pb.ImageSpec, image_ref: str) -> None:
+    """ImageSpec.image_ref: the digest of a volume's image, as containerStatuses' imageID.
+    Our generated stubs predate the field, so it goes in as a field they do not know, which
+    protobuf keeps and sends on; a client with the newer proto reads it as image_ref."""
+    field = pb.ImageSpec.DESCRIPTOR.fields_by_number.get(IMAGE_REF_FIELD)
+    if field is not None:
+        setattr(spec, field.name, image_ref)
+        return
+    data = image_ref.encode()
+    spec.MergeFromString(_varint(IMAGE_REF_FIELD << 3 | 2) + _varint(len(data)) + data)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
