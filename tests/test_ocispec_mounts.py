@@ -5,10 +5,13 @@ The point of each check is the *copy*: flags set by a remount after the bind nev
 it, so these look at the export's mountinfo rows, not the share's. Needs root."""
 import errno
 import os
+import shutil
+import subprocess
 
 import pytest
+from cri_api.v1 import api_pb2 as pb
 
-from vmcri.container import imagevol, rootfs
+from vmcri.container import imagevol, ocispec, rootfs
 from vmcri.errors import InvalidArgument
 from vmcri.sandbox import hostfs
 
@@ -53,16 +56,42 @@ def host_path(tmp_path):
     (False, False, "rw", "rw"), (True, False, "ro", "rw"), (True, True, "ro", "ro")])
 def test_host_path_flags_reach_the_export(share, host_path, readonly, rro, top, sub):
     dirs, export = share
-    guest, submounts = rootfs.bind_host_path(dirs, 0, host_path, readonly, rro)
-    assert guest == "/run/vmcri/share/containers/c1/mounts/0" and submounts
-    for point, want in ((exported(dirs, export, "0"), top),
-                        (exported(dirs, export, "0", "tmpfs"), sub)):
+    guest, subs = rootfs.bind_host_path(dirs, 0, host_path, readonly, rro)
+    assert guest == "/run/vmcri/share/containers/c1/mounts/0"
+    assert subs == [("tmpfs", "/run/vmcri/share/containers/c1/mounts/0.0")]
+    for point, want in ((exported(dirs, export, "0"), top), (exported(dirs, export, "0.0"), sub)):
         assert {want, "nosuid", "nodev"} <= flags(point), (point, flags(point))
     with open(exported(dirs, export, "0", "file")) as f:
         assert f.read() == "top\n"
-    # the guest's own bind: read-only only where that does not cover a writable submount
-    assert rootfs.guest_readonly(readonly, rro, submounts) == (readonly and rro)
-    assert rootfs.guest_readonly(True, False, False)
+    assert not os.listdir(exported(dirs, export, "0", "tmpfs"))  # the submount is not in the top
+    # the guest's bind of the top is read-only as asked: the submount is a bind of its own
+    assert rootfs.guest_readonly(readonly, rro) == readonly
+
+
+def test_host_path_owner_can_remove_a_submount_while_it_is_bound(share, host_path):
+    """critest's readonly-mount cleanup: unmount (detach) the hostPath's tmpfs and remove the
+    tree while the container still runs. With one rbind the copy of the tmpfs sat on the
+    host's own dir, which then stayed a mount point here: rmdir said EBUSY."""
+    dirs, export = share
+    rootfs.bind_host_path(dirs, 0, host_path, True, False)
+    subprocess.run(["umount", "-l", os.path.join(host_path, "tmpfs")], check=True)  # MNT_DETACH
+    shutil.rmtree(host_path)
+    assert not os.path.exists(host_path)
+    assert exported(dirs, export, "0.0") in {m["point"] for m in hostfs.mount_table()}
+
+
+def test_submounts_are_bound_in_place_in_the_spec():
+    m = pb.Mount(container_path="/mnt", host_path="/h", readonly=True)
+    guest = ocispec.GuestPaths(hosts="/h", resolv_conf="/r", hostname="/n", shm="/s",
+                               host_mount_to_guest={}, prepared={0: ocispec.PreparedMount(
+                                   "/g/0", True, submounts=(("tmpfs", "/g/0.0", False),))})
+    config = pb.ContainerConfig(mounts=[m])
+    mounts, _ = ocispec.build_mounts(config, guest, privileged=False)
+    by_dest = {x["destination"]: x for x in mounts}
+    assert by_dest["/mnt"]["source"] == "/g/0" and "ro" in by_dest["/mnt"]["options"]
+    assert by_dest["/mnt/tmpfs"]["source"] == "/g/0.0" and "rw" in by_dest["/mnt/tmpfs"]["options"]
+    order = [x["destination"] for x in mounts]
+    assert order.index("/mnt") < order.index("/mnt/tmpfs")
 
 
 def layers(tmp_path):

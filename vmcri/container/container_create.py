@@ -111,10 +111,11 @@ def _prepare_mounts(svc, dirs, config: pb.ContainerConfig, volumes: dict):
             prepared[i] = ocispec.PreparedMount(dirs.guest_mount(i), readonly=True)
             rows.append({"index": i, "image_id": volumes[i].id, "guest": dirs.guest_mount(i)})
             continue
-        guest, submounts = rootfs.bind_host_path(dirs, i, m.host_path, m.readonly,
-                                                 m.recursive_read_only)
-        prepared[i] = ocispec.PreparedMount(guest, rootfs.guest_readonly(
-            m.readonly, m.recursive_read_only, submounts))
+        guest, subs = rootfs.bind_host_path(dirs, i, m.host_path, m.readonly,
+                                            m.recursive_read_only)
+        prepared[i] = ocispec.PreparedMount(
+            guest, rootfs.guest_readonly(m.readonly, m.recursive_read_only),
+            submounts=tuple((rel, src, m.recursive_read_only) for rel, src in subs))
         rows.append({"index": i, "host": m.host_path, "guest": guest})
     return prepared, rows
 

@@ -84,6 +84,9 @@ class PreparedMount:
     mount asks). Image volumes must be prepared; hostPaths may be (else host_mount_to_guest)."""
     source: str
     readonly: bool | None = None
+    # (path below the mount, source, read-only): mounts under a hostPath, each bound in
+    # place after it, since the top's source does not carry them (rootfs.bind_host_path)
+    submounts: tuple[tuple[str, str, bool], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,10 +184,14 @@ def build_mounts(config: api_pb2.ContainerConfig, guest: GuestPaths,
         elif propagation == "rslave" and rootfs_propagation is None:
             rootfs_propagation = "rslave"
         source, readonly = _cri_mount_source(i, m, guest)
-        mount = _bind(posixpath.normpath(m.container_path), source, readonly, propagation)
+        destination = posixpath.normpath(m.container_path)
+        mount = _bind(destination, source, readonly, propagation)
         if m.recursive_read_only:
             mount["options"].append("rro")  # crun: mount_setattr(AT_RECURSIVE, RDONLY)
         cri_mounts.append(mount)
+        for rel, sub_source, sub_ro in getattr((guest.prepared or {}).get(i), "submounts", ()):
+            cri_mounts.append(_bind(posixpath.normpath(posixpath.join(destination, rel)),
+                                    sub_source, sub_ro, propagation))
     taken = {m["destination"] for m in cri_mounts}
     readonly_etc = config.linux.security_context.readonly_rootfs
     sandbox_mounts = [

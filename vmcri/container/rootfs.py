@@ -85,31 +85,39 @@ def _make_target(target: str, directory: bool) -> None:
 
 
 def bind_host_path(dirs: ContainerDirs, index: int, host_path: str, readonly: bool,
-                   recursive_ro: bool = False) -> tuple[str, bool]:
-    """Expose a hostPath, with the mounts under it (an rbind, as runc and crun make), under
-    the share; nosuid,nodev throughout. readonly: its top only (its submounts keep their
-    own flags, as a plain ro bind on a node); recursive_ro: every mount in it.
-    Returns its guest path and whether it has submounts (then the guest must not make
-    the whole 9p view read-only, see mount_options)."""
+                   recursive_ro: bool = False) -> tuple[str, list[tuple[str, str]]]:
+    """Expose a hostPath under the share, nosuid,nodev: its top at mounts/N and each mount
+    under it at mounts/N.K of its own, which the guest binds back in place. readonly: the
+    top only (its submounts keep their own flags, as a plain ro bind on a node);
+    recursive_ro: every mount. Returns the top's guest path and (path below the top, guest
+    path) of each submount, parents first.
+
+    Not one rbind: a copy of a submount would sit on the host's own directory, which then
+    stays a mount point in the host's namespace, so the owner of the hostPath could not
+    remove it while the container runs (rmdir: EBUSY), where with runc the copies live in
+    the container's namespace. Here every copy sits on a directory of ours."""
     if not os.path.exists(host_path):
         raise InvalidArgument(f"config.mounts[{index}].host_path: {host_path!r} does not exist")
     target = os.path.join(dirs.mounts, str(index))
     _make_target(target, os.path.isdir(host_path))
     real = os.path.realpath(host_path)
-    submounts = any(p != real for p in hostfs.mounts_under(real))
-    mountapi.bind_with_flags(mountapi.clone_tree(host_path, recursive=True), target,
-                             readonly, recursive_ro)
-    return dirs.guest_mount(index), submounts
+    mountapi.bind_with_flags(mountapi.clone_tree(host_path, recursive=False), target,
+                             readonly or recursive_ro, False)
+    subs = []
+    for k, point in enumerate(sorted((p for p in hostfs.mounts_under(real) if p != real),
+                                     key=lambda p: (p.count("/"), p))):
+        sub_target = os.path.join(dirs.mounts, f"{index}.{k}")
+        _make_target(sub_target, os.path.isdir(point))
+        mountapi.bind_with_flags(mountapi.clone_tree(point, recursive=False), sub_target,
+                                 recursive_ro, False)
+        subs.append((os.path.relpath(point, real), f"{dirs.guest_mount(index)}.{k}"))
+    return dirs.guest_mount(index), subs
 
 
-def guest_readonly(readonly: bool, recursive_ro: bool, submounts: bool) -> bool:
-    """Whether the guest's bind of a hostPath is made read-only. The guest sees the host's
-    mount tree as one 9p filesystem: a read-only bind there would cover the host's
-    submounts too. So a non-recursive read-only hostPath with submounts is read-only
-    where the host made it (its top), and rw in the guest."""
-    if recursive_ro:
-        return True
-    return readonly and not submounts
+def guest_readonly(readonly: bool, recursive_ro: bool) -> bool:
+    """Whether the guest's bind of a hostPath's top is made read-only. Its submounts are
+    binds of their own in the guest, so this never covers them."""
+    return readonly or recursive_ro
 
 
 def write_bundle_file(dirs: ContainerDirs, name: str, data: bytes) -> None:
