@@ -38,10 +38,13 @@ def start_container(svc, container_id: str) -> None:
     agent = svc.agent_for(rec)
     from vmcri.channel import AgentError
     started = time.monotonic()
-    # attach first, so not a byte of early output is missed
-    pump = ensure_pump(svc, rec)
+    # The pump's attach goes out first and runs beside crun start: until a pump has
+    # attached, the agent holds the container's output back (outstream.FIRST_ATTACH_WAIT_S),
+    # so no early byte is lost, and the two round trips overlap instead of adding up.
+    pump = ensure_pump(svc, rec, wait=False)
     try:
         agent.call("container_start", id=rec.id)
+        pump.wait_attached(svc.cfg.agent_timeout_s)
     except AgentError as e:
         pump.stop()
         from vmcri.container.container_stop import mark_exited
@@ -162,6 +165,9 @@ class LogPump:
         self._thread.start()
         if wait:
             self._attached.wait(self.svc.cfg.agent_timeout_s)
+
+    def wait_attached(self, timeout: float) -> bool:
+        return self._attached.wait(timeout)
 
     def alive(self) -> bool:
         return self._thread.is_alive()
