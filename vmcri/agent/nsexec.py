@@ -80,6 +80,7 @@ class Plan:
     sets: tuple[int, int, int]  # effective, permitted, inheritable masks
     ambient: list[int]
     filter_prog: seccompbpf.Program | None
+    ignored_signals: list[int] = field(default_factory=list)  # the agent's SIG_IGN ones
     cap_header: _CapHeader = field(default_factory=lambda: _CapHeader(LINUX_CAPABILITY_VERSION_3, 0))
     cap_data: ctypes.Array = None
 
@@ -131,7 +132,31 @@ def plan(process: dict, spec_info: "ContainerExecInfo") -> Plan | None:
               _mask(caps.get("inheritable"))),
         ambient=[CAP_NUMBER[n] for n in caps.get("ambient", []) if n in CAP_NUMBER],
         filter_prog=spec_info.filter_prog,
+        ignored_signals=_ignored_signals(),
     )
+
+
+def _last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return min(int(f.read().strip()), len(CAPABILITIES) - 1)
+    except (OSError, ValueError):
+        return len(CAPABILITIES) - 1
+
+
+LAST_CAP = _last_cap()
+
+
+def _ignored_signals() -> list[int]:
+    """Signals the agent ignores: execve keeps SIG_IGN (handlers it resets itself)."""
+    out = []
+    for sig in signal.valid_signals():
+        try:
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                out.append(int(sig))
+        except (ValueError, OSError):
+            pass
+    return out
 
 
 @dataclass
@@ -250,7 +275,7 @@ def _final(p: Plan, stdio, tty, report_w, exe_path):  # pragma: no cover - child
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         _close_from(3, report_w)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        for sig in range(1, signal.NSIG):
+        for sig in p.ignored_signals:
             _libc.signal(sig, 0)  # SIG_DFL: the agent ignores SIGPIPE, which exec would keep
         if p.oom_score_adj is not None:
             with open("/proc/self/oom_score_adj", "wb", buffering=0) as f:
@@ -288,10 +313,9 @@ def _close_from(first: int, keep: int) -> None:  # pragma: no cover - child
 
 
 def _identity(p: Plan) -> None:  # pragma: no cover - child
-    for cap in range(len(CAPABILITIES)):
-        if cap not in p.bounding and _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            if ctypes.get_errno() != errno.EINVAL:  # a cap this kernel does not have
-                _check(-1, b"drop from the bounding set")
+    for cap in range(LAST_CAP + 1):
+        if cap not in p.bounding:
+            _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), b"drop from the bounding set")
     os.setgroups(p.groups)
     os.setresgid(p.gid, p.gid, p.gid)
     _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), b"keepcaps")
