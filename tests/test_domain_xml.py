@@ -122,3 +122,18 @@ def test_accel_auto_needs_real_hardware_virt(tmp_path):
     c = choose("auto", cpuinfo="flags\t: fpu vmx", modules_dir=str(tmp_path), kvm_dev=str(dev))
     assert c.name == "kvm" and c.domain_type == "kvm"
     assert choose("tcg").domain_type == "qemu"
+
+
+def test_rootfs_cache_none_leaves_out_the_cached_device():
+    from vmcri.agent.protocol import ROOTFS_TAG, SHARE_TAG
+    from vmcri.sandbox import template
+    cfg = Config(rootfs_cache="none")
+    config = pb.PodSandboxConfig(metadata=pb.PodSandboxMetadata(name="p", namespace="d", uid="u"))
+    spec = designer.design(cfg, sandbox_id=SID, config=config, sizing=designer.size(cfg, config.linux),
+                           accel=AccelChoice("qemu", "tcg", "test"), guest=FakeGuest,
+                           paths=designer.SandboxPaths.for_sandbox(cfg, SID))
+    xml = render_domain(spec)
+    assert SHARE_TAG in xml and ROOTFS_TAG not in xml
+    assert ROOTFS_TAG in render_domain(spec_for("tcg-defaults"))
+    guest = type("G", (), {"manifest": {"hash": "h"}, "dir": "/g"})()
+    assert template.template_key(cfg, guest) != template.template_key(Config(), guest)

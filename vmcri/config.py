@@ -51,6 +51,9 @@ class Config:
     max_memory_mib: int = 2048
     # 32 MiB flushes during boot: 64 cut qemu CPU to agent-ready ~10% for +37 MiB RSS (bench/README.md)
     tcg_tb_cache_mib: int = 64
+    # Container root filesystems through a 9p view the guest caches ("loose"): stat, find
+    # and exec 4-12x faster, big sequential writes ~9x slower (bench/README.md "P9"); "none"
+    rootfs_cache: str = "loose"
     agent_timeout_s: float = 90.0
     # Warm pool (docs/warm-pool.md): pod VMs of the default shape booted ahead of time.
     pool_size: int = 0
@@ -130,6 +133,7 @@ _CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
     "cgroup_driver": ("cgroupfs", "systemd"),
     "host_namespace_pods": ("delegate", "refuse"),
+    "rootfs_cache": ("loose", "none"),
 }
 _POSITIVE = ("default_vcpus", "default_memory_mib", "min_memory_mib", "max_vcpus",
              "tcg_tb_cache_mib", "agent_timeout_s", "pull_timeout_s")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from cri_api.v1 import api_pb2 as pb
 
+from vmcri.agent.protocol import ROOTFS_TAG
 from vmcri.config import Config
 from vmcri.sandbox.accel import AccelChoice
 from vmcri.sandbox.domain import DOMAIN_PREFIX, DomainSpec, NicSpec, SandboxMeta
@@ -148,6 +149,7 @@ def design(cfg: Config, *, sandbox_id: str, config: pb.PodSandboxConfig, sizing:
         vcpus=sizing.vcpus,
         max_vcpus=max(sizing.vcpus, cfg.max_vcpus),  # hot-pluggable up to the max
         tb_cache_mib=cfg.tcg_tb_cache_mib,
+        rootfs_tag=ROOTFS_TAG if cfg.rootfs_cache == "loose" else "",
         kernel=guest.kernel,
         initrd=guest.initrd,
         root_disk=guest.rootfs,

@@ -63,7 +63,9 @@ class DomainSpec:
     tb_cache_mib: int = 32
     share_dir: str | None = None
     share_tag: str = SHARE_TAG
-    rootfs_tag: str = ROOTFS_TAG  # the same export again, which the guest caches (protocol.py)
+    # the same export again, which the guest caches for root filesystems (protocol.py);
+    # "" leaves it out (config rootfs_cache = "none")
+    rootfs_tag: str = ROOTFS_TAG
     agent_port: str = AGENT_PORT
     nic: NicSpec | None = None
     # VM generation id (vmgenid): a clone restored with a new one reseeds the guest's RNG
