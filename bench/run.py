@@ -100,7 +100,8 @@ def main() -> None:
         out()
     if "p9" in only:
         log(f"P9 rootfs/volume I/O{' vs containerd' if with_ctrd else ''}")
-        res["p9"] = volumes.measure([_side(after)], with_ctrd, rounds=2 if a.quick else 3)
+        res["p9"] = volumes.measure([_side(v) for v in variants], with_ctrd,
+                                    rounds=2 if a.quick else 3)  # interleaved, before and after
         out()
     if "p7" in only:
         log("P7 pull")
