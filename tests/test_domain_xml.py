@@ -134,6 +134,11 @@ def test_rootfs_cache_none_leaves_out_the_cached_device():
                            paths=designer.SandboxPaths.for_sandbox(cfg, SID))
     xml = render_domain(spec)
     assert SHARE_TAG in xml and ROOTFS_TAG not in xml
-    assert ROOTFS_TAG in render_domain(spec_for("tcg-defaults"))
+    assert ROOTFS_TAG not in render_domain(spec_for("tcg-defaults"))  # none is the default
+    loose = Config(rootfs_cache="loose")
+    spec = designer.design(loose, sandbox_id=SID, config=config, sizing=designer.size(loose, config.linux),
+                           accel=AccelChoice("qemu", "tcg", "test"), guest=FakeGuest,
+                           paths=designer.SandboxPaths.for_sandbox(loose, SID))
+    assert ROOTFS_TAG in render_domain(spec)
     guest = type("G", (), {"manifest": {"hash": "h"}, "dir": "/g"})()
-    assert template.template_key(cfg, guest) != template.template_key(Config(), guest)
+    assert template.template_key(loose, guest) != template.template_key(cfg, guest)

@@ -51,9 +51,11 @@ class Config:
     max_memory_mib: int = 2048
     # 32 MiB flushes during boot: 64 cut qemu CPU to agent-ready ~10% for +37 MiB RSS (bench/README.md)
     tcg_tb_cache_mib: int = 64
-    # Container root filesystems through a 9p view the guest caches ("loose"): stat, find
-    # and exec 4-12x faster, big sequential writes ~9x slower (bench/README.md "P9"); "none"
-    rootfs_cache: str = "loose"
+    # "loose": container root filesystems through a second 9p view the guest caches (stat and
+    # find 4-12x faster, big fsync'd writes ~9x slower, bench/README.md). Experimental and off:
+    # qemu's qids of files on different host mounts collide, so a cached view can show a
+    # removed container's rootfs for a new one (docs/configuration.md)
+    rootfs_cache: str = "none"
     agent_timeout_s: float = 90.0
     # Warm pool (docs/warm-pool.md): pod VMs of the default shape booted ahead of time.
     pool_size: int = 0
