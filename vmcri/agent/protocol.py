@@ -39,10 +39,10 @@ PORT_NAME = "vmcri.agent"
 SHARE_TAG = "vmcri-share"
 SHARE_MOUNT = "/run/vmcri/share"
 # The same export through a second 9p device, mounted with the guest's page cache
-# (cache=loose), for container root filesystems only: the host never writes into a running
-# container's rootfs, so nothing can go stale, and an exec no longer reads its binary and
-# libraries over 9p each time. Volumes (hostPath, configMap...) stay on SHARE_MOUNT, uncached,
-# because the host changes them under the guest.
+# (cache=loose), for container root filesystems only, when the host config asks for it
+# (rootfs_cache = "loose", experimental: qids of different host mounts can collide, which a
+# loose cache trusts). The host never writes into a running container's rootfs; volumes
+# (hostPath, configMap...) stay on SHARE_MOUNT, uncached, because the host changes them.
 ROOTFS_TAG = "vmcri-rootfs"
 ROOTFS_MOUNT = "/run/vmcri/rootfs"
 READY_MARKER = "VMCRI-AGENT-READY"
