@@ -1,8 +1,8 @@
 """Exec in a container with the container's identity. The host sends the OCI process object
 (built by its spec builder, never read back from the share). The agent starts it itself
 (nsexec.py): it joins the container's cgroup and namespaces and loads the container's
-seccomp filter, compiled once per container. Where that path does not apply (nsexec.plan),
-or the host asks for it (`runner: crun`), the agent writes the process to a guest-private
+seccomp filter, compiled once per container. Where that path does not apply (nsexec.plan,
+a tty), or the host asks for it (`runner: crun`), the agent writes the process to a guest-private
 file and runs `crun exec --process FILE`, which does the same from crun's own state.
 
 Either way the exec'd process's pid is in protocol.exec_pid_file(token) while it runs: on an
@@ -57,7 +57,9 @@ def prepare(agent, ce: dict) -> Launch:
     os.makedirs(protocol.EXEC_DIR, mode=0o700, exist_ok=True)
     pid_file = protocol.exec_pid_file(ce["token"])
     plan = None
-    if ce.get("runner", "native") == "native":
+    # a tty exec goes to crun, which makes the pty inside the container (its own devpts, so
+    # `tty` names it); the native path would hand it the agent's, which the container cannot see
+    if ce.get("runner", "native") == "native" and not ce["process"].get("terminal"):
         plan = nsexec.plan(ce["process"], exec_info(entry))
     if plan is None:
         return _crun_launch(entry, ce, pid_file)
