@@ -28,7 +28,7 @@ def main() -> None:
     r_err, w_err = os.pipe()
     devnull = os.open(os.devnull, os.O_RDONLY)
     try:
-        pid = nsexec.spawn(plan, req["target"], info.cgroup, (devnull, w_out, w_err), False, reaper)
+        pid = nsexec.spawn(plan, req["target"], info.cgroup, (devnull, w_out, w_err), reaper)
     except OSError as e:
         print(json.dumps({"error": str(e)}))
         return

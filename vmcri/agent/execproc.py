@@ -25,12 +25,11 @@ _compile_lock = threading.Lock()
 
 @dataclass
 class Launch:
-    """How to start one exec: `spawner(stdio, tty) -> pid` for the native path, or `argv`
-    (crun exec) for the process table's own spawn; `on_end(status)` cleans up."""
+    """How to start one exec: `spawner(stdio, tty) -> pid` for the native path (never a
+    tty), or `argv` (crun exec) for the process table's own spawn; `on_end(status)` cleans up."""
     argv: list[str]
     spawner: object
     on_end: object
-    own_pty: bool  # True: crun exec -t makes a pty of its own inside the container
 
 
 def _running_entry(agent, cid: str) -> ContainerEntry:
@@ -65,14 +64,14 @@ def prepare(agent, ce: dict) -> Launch:
         return _crun_launch(entry, ce, pid_file)
 
     def spawner(stdio, tty):
-        pid = nsexec.spawn(plan, entry.pid, entry.cgroup, stdio, tty, agent.reaper)
+        pid = nsexec.spawn(plan, entry.pid, entry.cgroup, stdio, agent.reaper)
         fd = os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(str(pid))
         return pid
     if os.path.lexists(pid_file):
         raise AgentCallError("AlreadyExists", "container_exec.token: already in use")
-    return Launch(plan.argv, spawner, lambda status: _unlink(pid_file), own_pty=False)
+    return Launch(plan.argv, spawner, lambda status: _unlink(pid_file))
 
 
 def _crun_launch(entry: ContainerEntry, ce: dict, pid_file: str) -> Launch:
@@ -84,8 +83,7 @@ def _crun_launch(entry: ContainerEntry, ce: dict, pid_file: str) -> Launch:
     with os.fdopen(fd, "w") as f:
         json.dump(ce["process"], f)
     argv = ["crun", "exec", "--process", process_file, "--pid-file", pid_file, entry.id]
-    return Launch(argv, None, lambda status: _crun_ended(status, process_file, pid_file),
-                  own_pty=True)
+    return Launch(argv, None, lambda status: _crun_ended(status, process_file, pid_file))
 
 
 def _unlink(*paths: str) -> None:

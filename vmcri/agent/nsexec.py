@@ -11,7 +11,8 @@ test process), and the agent's reaper gets its status as for any child.
 
 Everything the children use is prepared before the fork (the agent has threads): the
 children only make system calls. `plan()` returns None for what this path does not do
-(a user or time namespace, an AppArmor or SELinux label); the caller then uses crun exec.
+(a user or time namespace, an AppArmor or SELinux label), and a tty exec never comes here
+(execproc.py): the caller then uses crun exec.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import errno
 import os
 import resource
 import signal
-import termios
 from dataclasses import dataclass, field
 
 from . import seccompbpf
@@ -207,7 +207,7 @@ def _check(rc: int, what: bytes) -> None:
 
 
 def spawn(p: Plan, target_pid: int, cgroup: str | None, stdio: tuple[int, int, int],
-          tty: bool, reaper) -> int:
+          reaper) -> int:
     """Start the exec; returns the exec'd process's pid once it has exec'd (or failed to
     exec, which it reports on its stderr and in its exit code, as crun does)."""
     ns = _ns_fds(target_pid)
@@ -218,7 +218,7 @@ def spawn(p: Plan, target_pid: int, cgroup: str | None, stdio: tuple[int, int, i
     try:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
-            _middle(p, ns, procs, stdio, tty, report_w, exe_path)
+            _middle(p, ns, procs, stdio, report_w, exe_path)
         os.close(report_w)
         report_w = -1
         reaper.watch(pid, lambda status: None)
@@ -242,7 +242,7 @@ def spawn(p: Plan, target_pid: int, cgroup: str | None, stdio: tuple[int, int, i
     return child
 
 
-def _middle(p, ns, procs, stdio, tty, report_w, exe_path):  # pragma: no cover - child
+def _middle(p, ns, procs, stdio, report_w, exe_path):  # pragma: no cover - child
     try:
         if procs is not None:
             with open(procs, "wb", buffering=0) as f:
@@ -251,7 +251,7 @@ def _middle(p, ns, procs, stdio, tty, report_w, exe_path):  # pragma: no cover -
             _check(_libc.setns(fd, flag), b"setns")
         child = os.fork()
         if child == 0:
-            _final(p, stdio, tty, report_w, exe_path)
+            _final(p, stdio, report_w, exe_path)
         os.write(report_w, b"P%d\n" % child)
     except BaseException as e:
         _report(report_w, e)
@@ -265,14 +265,11 @@ def _report(fd: int, e: BaseException) -> None:  # pragma: no cover - child
         pass
 
 
-def _final(p: Plan, stdio, tty, report_w, exe_path):  # pragma: no cover - child
+def _final(p: Plan, stdio, report_w, exe_path):  # pragma: no cover - child
     try:
         os.setsid()
         for target, fd in enumerate(stdio):
             os.dup2(fd, target, inheritable=True)
-        if tty:
-            import fcntl
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         _close_from(3, report_w)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         for sig in p.ignored_signals:

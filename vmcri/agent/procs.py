@@ -36,11 +36,9 @@ class Process(OutputSource):
     a pump has delivered its exit status."""
 
     def __init__(self, pid_id: str, reaper: Reaper, argv, env, cwd, tty: bool, want_stdin: bool,
-                 size: tuple[int, int] | None = None, on_end=None, spawner=None,
-                 own_pty: bool = False):
+                 size: tuple[int, int] | None = None, on_end=None, spawner=None):
         super().__init__(pid_id, tty)
         self._on_end = on_end  # called with the wait status once the process has exited
-        self._own_pty = own_pty  # the child runs on a pty of its own (crun exec -t)
         full_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
         full_env.update(env)
         if spawner is None:  # spawner((stdin, stdout, stderr), tty) -> pid
@@ -97,7 +95,7 @@ class Process(OutputSource):
 
     def resize(self, cols: int, rows: int) -> None:
         super().resize(cols, rows)
-        if self.tty and self._own_pty and self.pid > 0 and self.status is None:
+        if self.tty and self.pid > 0 and self.status is None:
             ttysize.propagate(self.pid, cols, rows)  # `crun exec -t` keeps a pty of its own
 
     def signal(self, name: str) -> None:
@@ -119,7 +117,7 @@ class ProcessTable:
         self._seq = 0
 
     def start(self, params: dict, size: tuple[int, int] | None = None,
-              on_end=None, spawner=None, own_pty: bool = False) -> Process:
+              on_end=None, spawner=None) -> Process:
         with self._lock:
             self._gc()
             pid_id = params.get("id")
@@ -131,7 +129,7 @@ class ProcessTable:
             self._procs[pid_id] = None  # reserve
         try:
             proc = Process(pid_id, self.reaper, params["argv"], params["env"], params["cwd"],
-                           params["tty"], params["stdin"], size, on_end, spawner, own_pty)
+                           params["tty"], params["stdin"], size, on_end, spawner)
         except BaseException:
             with self._lock:
                 self._procs.pop(pid_id, None)

@@ -179,14 +179,13 @@ class SessionServer(paramiko.ServerInterface):
             if size is not None:
                 params = dict(params, tty=True)
             on_end = spawner = None
-            own_pty = False
             try:
                 if "container_exec" in params:
                     from .execproc import prepare
                     launch = prepare(self.agent, params["container_exec"])
-                    on_end, spawner, own_pty = launch.on_end, launch.spawner, launch.own_pty
+                    on_end, spawner = launch.on_end, launch.spawner
                     params = dict(params, argv=launch.argv)
-                proc = procs.start(params, size, on_end, spawner, own_pty)
+                proc = procs.start(params, size, on_end, spawner)
             except AgentCallError as e:
                 return self._fail(chan, e.kind, str(e))
             except FileExistsError as e:
