@@ -9,7 +9,7 @@ from cri_api.v1 import api_pb2 as pb
 
 from tests.support.spdy_client import exec_url
 from tests.test_container_vm import create_start, ctr_config, exec_sync, status, wait_state
-from tests.test_sandbox_vm import pod_config
+from tests.support.pods import pod_env
 
 pytestmark = [pytest.mark.vm, pytest.mark.registry]
 STATUS_LINES = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
@@ -19,15 +19,7 @@ STATUS_LINES = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", 
 @pytest.fixture(scope="module")
 def env(daemon_factory, test_images, tmp_path_factory):
     """One privileged pod (so that privileged containers may run in it), shared."""
-    d = daemon_factory('cni_conf_dir = ""\ninsecure_registries = ["%s"]' % test_images.registry)
-    d.image.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=test_images.multi.ref)))
-    cfg = pod_config("procs")
-    cfg.linux.security_context.privileged = True
-    cfg.log_directory = str(tmp_path_factory.mktemp("procs-logs"))
-    sid = d.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg)).pod_sandbox_id
-    yield d, sid, cfg, test_images
-    d.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid))
-    d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    yield from pod_env(daemon_factory, test_images, tmp_path_factory, "procs", privileged=True)
 
 
 def image(env):
