@@ -198,6 +198,68 @@ def ssh_guest(reply, fresh_key_per_connection=False):
     return behaviour
 
 
+def _pong(chan):
+    chan.sendall(b'{"ok":true,"result":{"pong":true}}\n')
+    chan.close()
+
+
+def test_a_lost_hello_is_sent_again_on_a_new_connection(raw_server, sock_path, monkeypatch):
+    """What a clone met once in ~40 quick reconnects: the agent read the new HELLO, then
+    took the old connection's hang-up for this one's and ended the session before its echo.
+    The client must not sit out the whole deadline on that connection."""
+    monkeypatch.setattr("vmcri.channel.ECHO_WAIT_S", 0.5)
+    seen = []
+    answer = ssh_guest(_pong)
+
+    def behaviour(conn, stop):
+        hello = sync.read_hello(conn.recv)
+        seen.append(time.monotonic())
+        if len(seen) == 1:
+            stop.wait(30)
+            return
+        conn.sendall(hello)
+        answer(conn, stop)
+    raw_server(behaviour, sync_first=False)
+    c = AgentClient(sock_path, call_timeout=20)
+    t0 = time.monotonic()
+    assert c.call("ping")["pong"] is True
+    assert len(seen) == 2 and c.stats_retries == 1
+    assert time.monotonic() - t0 < 10  # not the 20 s deadline
+
+
+def test_a_session_that_dies_after_its_echo_is_retried(raw_server, sock_path, monkeypatch):
+    monkeypatch.setattr("vmcri.channel.HANDSHAKE_WAIT_S", 0.8)
+    seen = []
+    answer = ssh_guest(_pong)
+
+    def behaviour(conn, stop):
+        seen.append(1)
+        if len(seen) == 1:
+            stop.wait(30)  # echoed (by RawServer), then no SSH banner
+            return
+        answer(conn, stop)
+    raw_server(behaviour)
+    c = AgentClient(sock_path, call_timeout=20)
+    assert c.call("ping")["pong"] is True
+    assert len(seen) == 2 and c.stats_retries == 1
+
+
+def test_retries_end_at_the_deadline(raw_server, sock_path, monkeypatch):
+    monkeypatch.setattr("vmcri.channel.ECHO_WAIT_S", 0.3)
+    attempts = []
+
+    def never_echoes(conn, stop):
+        attempts.append(sync.read_hello(conn.recv))
+        stop.wait(30)
+    raw_server(never_echoes, sync_first=False)
+    t0 = time.monotonic()
+    with pytest.raises(AgentTimeout) as e:
+        AgentClient(sock_path, call_timeout=3).call("ping")
+    assert "session sync" in str(e.value)
+    assert 2.5 < time.monotonic() - t0 < 6
+    assert len(attempts) >= 3 and len(set(attempts)) == len(attempts)  # a new HELLO each time
+
+
 def test_oversized_reply_closes_the_connection(raw_server, sock_path):
     def huge(chan):
         try:

@@ -28,6 +28,12 @@ PRE_AUTH_BYTE_LIMIT = 256 * 1024   # banner + key exchange never need more
 MAX_PACKET_BYTES = 256 * 1024      # paramiko itself has no upper bound on a packet
 DEFAULT_MAX_OUTPUT = 16 << 20      # per stream, for run()
 MAX_UNREAD_BYTES = 8 << 20         # per channel; a well-behaved guest stops at the 2 MiB window
+# A connection attempt's wait for the sync echo, then for the SSH handshake; doubled at each
+# retry. A HELLO can be lost at a quick reconnect (the guest may see the new connection's
+# bytes before the old one's hang-up, and end the session it just began), and only a new
+# connection with a new HELLO recovers from that, so no single wait takes the whole deadline.
+ECHO_WAIT_S = 3.0
+HANDSHAKE_WAIT_S = 15.0
 
 
 class AgentError(Exception):
@@ -41,6 +47,10 @@ class AgentError(Exception):
 class AgentTimeout(AgentError):
     def __init__(self, message: str):
         super().__init__(message, "DeadlineExceeded")
+
+
+class _AttemptTimedOut(AgentTimeout):
+    """One connection attempt ran out of its own budget; the deadline has time left."""
 
 
 class AgentProtocolError(AgentError):
@@ -196,12 +206,17 @@ class AgentClient:
         self.legacy = False  # the VM's agent predates the session sync (older guest image)
         self._transport: paramiko.Transport | None = None
         self._lock = threading.Lock()
+        self.stats_retries = 0  # connection attempts that timed out and were made again
 
     # -- connection ---------------------------------------------------------------
-    def _connect(self, deadline: float) -> paramiko.Transport:
+    def _connect(self, deadline: float, attempt: int = 0) -> paramiko.Transport:
+        """One connection: the session sync, then SSH. Its waits are bounded by the attempt's
+        budget as well as by `deadline`; running out of the budget is _AttemptTimedOut."""
+        scale = 2 ** min(attempt, 4)
+        echo_by = min(deadline, time.monotonic() + ECHO_WAIT_S * scale)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(_remaining(deadline))
+            sock.settimeout(_remaining(echo_by))
             sock.connect(self.socket_path)
         except OSError as e:
             sock.close()
@@ -225,15 +240,18 @@ class AgentClient:
                 self.legacy = True
                 raise AgentProtocolError(f"agent session sync: {e}") from e
             if isinstance(e, socket.timeout):
+                if echo_by < deadline:
+                    raise _AttemptTimedOut("agent did not answer the session sync in time") from e
                 raise AgentTimeout("agent did not answer the session sync in time") from e
             if isinstance(e, (OSError, sync.SyncError)):
                 log.error("agent %s: session sync failed: %s", self.name, e)
                 raise AgentProtocolError(f"agent session sync failed: {e}") from e
             raise
+        shake_by = min(deadline, time.monotonic() + HANDSHAKE_WAIT_S * scale)
         try:
             _bound_packets(t)
-            t.banner_timeout = t.handshake_timeout = t.auth_timeout = _remaining(deadline)
-            t.start_client(timeout=_remaining(deadline))
+            t.banner_timeout = t.handshake_timeout = t.auth_timeout = _remaining(shake_by)
+            t.start_client(timeout=_remaining(shake_by))
             key = t.get_remote_server_key()
             fp = "SHA256:" + hashlib.sha256(key.asbytes()).hexdigest()
             if self.host_key_fingerprint is None:
@@ -247,6 +265,9 @@ class AgentClient:
             return t
         except BaseException as e:
             t.close()
+            if isinstance(e, (paramiko.SSHException, EOFError)) and shake_by < deadline \
+                    and time.monotonic() >= shake_by - 0.5:
+                raise _AttemptTimedOut(f"agent handshake did not finish in time: {e}") from e
             if isinstance(e, (paramiko.SSHException, EOFError)):
                 log.error("agent %s: handshake failed: %s", self.name, e)
                 raise AgentProtocolError(f"agent handshake failed: {e}") from e
@@ -259,13 +280,23 @@ class AgentClient:
                 return t
             self._transport = None
             last = None
-            # The session sync makes reconnects clean, so a retry only covers an agent that
-            # was still tearing down the old session; a garbage-sending guest fails fast.
-            for _ in range(3):
+            # A protocol error is retried twice, for an agent still tearing down the old
+            # session (a garbage-sending guest fails fast); an attempt that timed out is
+            # retried until the deadline, each time waiting longer.
+            failures = attempt = 0
+            while failures < 3:
                 try:
-                    self._transport = self._connect(deadline)
+                    self._transport = self._connect(deadline, attempt)
                     return self._transport
+                except _AttemptTimedOut as e:
+                    attempt += 1
+                    self.stats_retries += 1
+                    # routine while a guest boots (its agent is not reading yet)
+                    log.info("agent %s: %s; retrying on a new connection (attempt %d)",
+                             self.name, e, attempt + 1)
+                    continue
                 except AgentProtocolError as e:
+                    failures += 1
                     if "host key changed" in str(e):
                         raise
                     last = e
