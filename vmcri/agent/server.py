@@ -247,6 +247,7 @@ class PortServer:
         self.host_key = ed25519_host_key()
         self.sessions = 0
         self._current = 0   # number of the live session, 0 when none
+        self._echoed = 0    # the last session whose echo reached the port
         self._sock = None   # our end of the live session's socketpair
         self._write_lock = threading.Lock()  # a session's writes vs. ending it
 
@@ -262,8 +263,12 @@ class PortServer:
             except (BlockingIOError, InterruptedError):
                 continue
             if not data:
-                # host disconnected (poll reports POLLIN|POLLHUP and read gives b'')
-                self._end_session()
+                # host disconnected (poll reports POLLIN|POLLHUP and read gives b''). A
+                # session whose echo is still unwritten began at a HELLO that reached us
+                # before the port-open of its connection, so this hang-up is the previous
+                # connection's: ending it would lose that HELLO for good.
+                if self._echoed == self._current:
+                    self._end_session()
                 time.sleep(IDLE_POLL_S)
                 continue
             for kind, chunk in scanner.feed(data):
@@ -314,12 +319,14 @@ class PortServer:
                         return  # session over: never let its bytes reach the next connection
                     try:
                         view = view[os.write(self.fd, view):]
+                        self._echoed = n  # the echo goes first, so it has begun
                         continue
                     except (BlockingIOError, InterruptedError):
                         pass
                     except OSError:
                         return
-                poller.poll(50)
+                if any(ev & select.POLLHUP for _, ev in poller.poll(50)):
+                    time.sleep(IDLE_POLL_S)  # no host yet: poll does not wait, so we do
 
     def _run_transport(self, sock, n: int) -> None:
         t = AgentTransport(sock)
