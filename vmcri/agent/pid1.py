@@ -193,7 +193,7 @@ class Reaper:
                 pid, status = os.waitpid(-1, 0)
             except ChildProcessError:
                 with self._lock:
-                    self._cond.wait(0.5)
+                    self._cond.wait(5.0)  # a spawn notifies at once; this is only a backstop
                 continue
             except InterruptedError:
                 continue

@@ -52,6 +52,10 @@ def _handle_request_then_start(chan: Channel, m) -> None:
 
 
 class AgentTransport(paramiko.Transport):
+    # paramiko's loop wakes this often to check for a close from another thread; our close
+    # also shuts the socket, which wakes it at once. Every wake-up of an idle pod costs
+    # emulated CPU under TCG, and at 0.1 s they made idle pods the limit on pods per node.
+    _active_check_timeout = 2.0
     _channel_handler_table = dict(paramiko.Transport._channel_handler_table)
     _channel_handler_table[MSG_CHANNEL_REQUEST] = _handle_request_then_start
 
@@ -348,7 +352,7 @@ def _serve_channels(t) -> None:
     # references kept here matter: paramiko closes a Channel when it is garbage collected
     live = []
     while t.is_active():
-        chan = t.accept(1.0)
+        chan = t.accept(5.0)
         live = [c for c in live if not c.closed]
         if chan is not None:
             t.server_object.start_forward(chan)
