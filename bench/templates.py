@@ -104,7 +104,7 @@ def p5(clone_d, cold_d, n: int, ksm: bool, settle_s: float = 20) -> dict:
     return out
 
 
-def p6(clone_d, m: int) -> dict:
+def p6(clone_d, m: int, settle_s: float = 0) -> dict:
     avail0 = host_mem_available_kib()
     sids, took, t0 = [], [], time.monotonic()
     for i in range(m):
@@ -131,8 +131,18 @@ def p6(clone_d, m: int) -> dict:
            "pss_median_mib": statistics.median(pss) if pss else None, "pss_sum_mib": sum(pss),
            "mem_available_before_gib": avail0 / 1048576,
            "mem_available_after_gib": host_mem_available_kib() / 1048576,
-           "version_rpc_s": version_s}
+           "version_rpc_s": version_s, "loadavg_1m": os.getloadavg()[0]}
     log(f"P6: {out}")
+    if settle_s:  # the pods idle on (KSM merging, when on): the same figures again
+        time.sleep(settle_s)
+        pss = _pss_mib(clone_d, sids)
+        t = time.monotonic()
+        clone_d.runtime.Version(pb.VersionRequest())
+        out["after_settle"] = {"settle_s": settle_s, "pss_median_mib": statistics.median(pss) if pss else None,
+                               "pss_sum_mib": sum(pss), "version_rpc_s": time.monotonic() - t,
+                               "mem_available_gib": host_mem_available_kib() / 1048576,
+                               "loadavg_1m": os.getloadavg()[0]}
+        log(f"P6 after {settle_s:.0f}s idle: {out['after_settle']}")
     for sid in sids:
         remove_pod(clone_d, sid)
     return out
@@ -144,6 +154,8 @@ def main() -> None:
     ap.add_argument("--idle", type=int, default=10, help="P5 pods per kind (0: skip)")
     ap.add_argument("--density", type=int, default=0, help="P6 clones (0: skip)")
     ap.add_argument("--ksm", action="store_true", help="P5 also with KSM merging; P6 with KSM on")
+    ap.add_argument("--settle", type=float, default=0,
+                    help="P6: seconds the pods idle on before PSS is measured again")
     ap.add_argument("--skip-p1", action="store_true")
     ap.add_argument("--tb", type=int, default=64)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "templates.json"))
@@ -159,7 +171,7 @@ def main() -> None:
         if a.density:
             old = _ksm({"pages_to_scan": 1000, "sleep_millisecs": 20, "run": 1}) if a.ksm else None
             try:
-                result["p6"] = p6(clone_d, a.density)
+                result["p6"] = p6(clone_d, a.density, a.settle)
                 result["p6"]["ksm"] = bool(a.ksm)
             finally:
                 if old is not None:
