@@ -52,6 +52,7 @@ class ContainerEntry(OutputSource):
         self.started = False
         self.exec_spec: dict | None = None  # what an exec needs of config.json (execproc.py)
         self.exec_info = None               # ... compiled from it at the first exec
+        self.crun_start_needed = False      # the spec has poststart hooks, which only crun runs
 
     def _stdin_ended(self, chan, first: bool) -> bool:
         return first and self.stdin_once  # as containerd: only the first attacher's EOF counts
@@ -177,7 +178,7 @@ def container_create(agent, params):
     entry = ContainerEntry(cid, params["tty"], params["stdin"], params["stdin_once"], _cgroup_dir(spec))
     entry.exec_spec = _exec_spec(spec)
     hooks = spec.get("hooks") if isinstance(spec.get("hooks"), dict) else {}
-    entry.crun_start_needed = bool(hooks.get("poststart"))  # only crun runs those
+    entry.crun_start_needed = bool(hooks.get("poststart"))
     try:
         agent.procs.adopt(entry)
     except FileExistsError:
@@ -288,7 +289,7 @@ def container_start(agent, params):
     entry = _entry(agent, params["id"])
     if entry.status is not None:
         raise AgentCallError("FailedPrecondition", f"id: container {entry.id!r} has already exited")
-    if getattr(entry, "crun_start_needed", True) or not _release_init(entry.id):
+    if entry.crun_start_needed or not _release_init(entry.id):
         rc, out = _crun(agent, "start", entry.id)
         if rc != 0:
             raise AgentCallError("Failed", f"crun start {entry.id}: {out}")
