@@ -8,10 +8,12 @@ from tests.test_sandbox_vm import pod_config
 
 
 def pod_env(daemon_factory, test_images, tmp_path_factory, name, images=("multi",),
-            privileged=False):
+            privileged=False, extra_config=""):
     """Generator for a module fixture: yields (daemon, sandbox id, pod config, test images).
-    privileged: a privileged pod, so that privileged containers may run in it."""
-    d = daemon_factory('cni_conf_dir = ""\ninsecure_registries = ["%s"]' % test_images.registry)
+    privileged: a privileged pod, so that privileged containers may run in it.
+    extra_config: more lines of the daemon's config file."""
+    d = daemon_factory('cni_conf_dir = ""\ninsecure_registries = ["%s"]\n%s'
+                       % (test_images.registry, extra_config))
     for which in images:
         ref = getattr(test_images, which).ref
         d.image.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))

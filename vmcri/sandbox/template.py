@@ -75,7 +75,8 @@ def template_shape(cfg) -> designer.Sizing:
 def template_key(cfg, guest) -> str:
     shape = template_shape(cfg)
     parts = [guest.manifest.get("hash", ""), os.path.realpath(guest.dir), shape.vcpus,
-             shape.memory_mib, cfg.max_vcpus, cfg.max_memory_mib, cfg.tcg_tb_cache_mib]
+             shape.memory_mib, cfg.max_vcpus, cfg.max_memory_mib, cfg.tcg_tb_cache_mib,
+             "9p-multidevs=remap"]  # clones keep the saved XML: one saved before remap is not reused
     if cfg.rootfs_cache != "none":  # a saved guest restores only with the devices it had
         parts.append(f"rootfs_cache={cfg.rootfs_cache}")
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
