@@ -134,7 +134,7 @@ def test_rootfs_cache_none_leaves_out_the_cached_device():
                            paths=designer.SandboxPaths.for_sandbox(cfg, SID))
     xml = render_domain(spec)
     assert SHARE_TAG in xml and ROOTFS_TAG not in xml
-    assert ROOTFS_TAG not in render_domain(spec_for("tcg-defaults"))  # none is the default
+    assert ROOTFS_TAG in render_domain(spec_for("tcg-defaults"))  # loose is the default
     loose = Config(rootfs_cache="loose")
     spec = designer.design(loose, sandbox_id=SID, config=config, sizing=designer.size(loose, config.linux),
                            accel=AccelChoice("qemu", "tcg", "test"), guest=FakeGuest,

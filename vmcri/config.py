@@ -55,7 +55,7 @@ class Config:
     # find 4-12x faster, big fsync'd writes ~9x slower, bench/README.md). Experimental and off:
     # qemu's qids of files on different host mounts collide, so a cached view can show a
     # removed container's rootfs for a new one (docs/configuration.md)
-    rootfs_cache: str = "none"
+    rootfs_cache: str = "loose"
     agent_timeout_s: float = 90.0
     # Warm pool (docs/warm-pool.md): pod VMs of the default shape booted ahead of time.
     pool_size: int = 0

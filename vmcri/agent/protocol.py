@@ -39,10 +39,10 @@ PORT_NAME = "vmcri.agent"
 SHARE_TAG = "vmcri-share"
 SHARE_MOUNT = "/run/vmcri/share"
 # The same export through a second 9p device, mounted with the guest's page cache
-# (cache=loose), for container root filesystems only, when the host config asks for it
-# (rootfs_cache = "loose", experimental: qids of different host mounts can collide, which a
-# loose cache trusts). The host never writes into a running container's rootfs; volumes
-# (hostPath, configMap...) stay on SHARE_MOUNT, uncached, because the host changes them.
+# (cache=loose), for container root filesystems only (host config rootfs_cache, default
+# "loose"). The host never writes into a running container's rootfs, and qemu exports with
+# multidevs=remap, so files of different host mounts never share a qid the cache trusts.
+# Volumes (hostPath, configMap...) stay on SHARE_MOUNT, uncached, because the host changes them.
 ROOTFS_TAG = "vmcri-rootfs"
 ROOTFS_MOUNT = "/run/vmcri/rootfs"
 READY_MARKER = "VMCRI-AGENT-READY"
@@ -447,6 +447,7 @@ METHODS = {
     "container_update": _container_update,
     "set_cpus_online": _set_cpus_online,
     "clone_init": _clone_init,
+    "pod_init_start": _no_params,
 }
 
 
