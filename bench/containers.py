@@ -7,6 +7,7 @@ Debian's busybox package (the tests' fixture code).
 """
 from __future__ import annotations
 
+import re
 import time
 
 from cri_api.v1 import api_pb2 as pb
@@ -66,6 +67,30 @@ def _idle_memory(s: Side) -> dict:
             "vm_memory_mib": info["vm"]["memoryMiB"]}
 
 
+_PHASES_RE = re.compile(r"CreateContainer ([0-9a-f]{12}) phases \(s\): (.*); in the guest: (.*)$")
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def create_phases(daemon_log: str, cids: list[str]) -> list[dict[str, float]]:
+    """Per container (in `cids` order), the seconds of each CreateContainer step the daemon
+    logged: host steps as they are named, guest steps prefixed `guest.`."""
+    found: dict[str, dict[str, float]] = {}
+    for line in daemon_log.splitlines():
+        m = _PHASES_RE.search(line)
+        if m:
+            steps = {k: float(v) for k, v in (kv.split("=") for kv in m.group(2).split())}
+            steps.update({f"guest.{k}": float(v) for k, v in (kv.split("=") for kv in m.group(3).split())})
+            found[m.group(1)] = steps
+    return [found.get(cid[:12], {}) for cid in cids]
+
+
 def _containers(ss: list[Side], n: int, execs: int) -> dict[str, dict]:
     """P3 then P4, each step interleaved over the sides."""
     t: dict[str, dict[str, list]] = {s.label: {"create": [], "start": [], "running": [], "exec": []}
@@ -105,6 +130,9 @@ def _containers(ss: list[Side], n: int, execs: int) -> dict[str, dict]:
                 mem = s.rt.ExecSync(pb.ExecSyncRequest(container_id=cids[s.label][0],
                                                        cmd=["cat", "/proc/meminfo"], timeout=30))
                 out[s.label]["guest_meminfo_kib"] = _meminfo_kib(mem.stdout.decode(errors="replace"))
+            if s.kind == "vmcri":
+                out[s.label]["create_phases_s"] = create_phases(_read(s.backend.log_path), cids[s.label])
+                log(f"P3 {s.label} CreateContainer phases: {out[s.label]['create_phases_s']}")
             log(f"P4 {s.label}: ExecSync true p50 {out[s.label]['exec_true_ms']['median']:.1f} ms")
         return out
     finally:

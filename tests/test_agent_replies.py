@@ -63,6 +63,9 @@ def test_only_checked_fields_reach_the_host():
 
 @pytest.mark.parametrize("method,bad,field", [
     ("container_create", {"id": "../x", "pid": 3}, "id"),
+    ("container_create", {"id": "a" * 64, "phases": {"crun_create": 1e9}}, "phases.crun_create"),
+    ("container_create", {"id": "a" * 64, "phases": {"read_spec": "1"}}, "phases.read_spec"),
+    ("container_create", {"id": "a" * 64, "phases": [0.1]}, "phases"),
     ("container_delete", {"deleted": 1}, "deleted"),
     ("set_cpus_online", {"online": "0-3; rm -rf /"}, "online"),
     ("set_cpus_online", {"online": "0-1", "errors": ["e"] * 1000}, "errors"),
@@ -83,6 +86,12 @@ def test_other_replies_are_checked(method, bad, field):
     with pytest.raises(protocol.ProtocolError) as e:
         replies.check_result(method, bad)
     assert str(e.value).startswith(field)
+
+
+def test_create_phases_keep_only_the_known_steps():
+    got = replies.check_result("container_create", {"id": "a" * 64, "pid": 7, "phases": {
+        "read_spec": 0.01, "crun_create": 0.2, "x" * 1000: 1.0}})
+    assert got == {"id": "a" * 64, "pid": 7, "phases": {"read_spec": 0.01, "crun_create": 0.2}}
 
 
 def test_a_real_stats_sample_passes():

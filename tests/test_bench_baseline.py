@@ -50,3 +50,20 @@ def test_tables_show_containerd_and_the_ratio():
                        "exec_true_s": _s(0.05), "sh_loop_s": _s(0.1)}}}
     rows = [line for line in volumes.markdown(p9) if "sequential write" in line]
     assert len(rows) == 3 and all(line.endswith("| 2.00 (32) | 0.50 (128) | 4.00 |") for line in rows)
+
+
+def test_p3_reads_the_create_phases_the_daemon_logs(caplog):
+    import logging
+    from bench.containers import create_phases
+    from vmcri.container import container_create as cc
+    laps = cc._Laps()
+    for step in ("overlay", "mounts_and_spec", "bundle_write", "agent_create"):
+        laps(step)
+    cid = "ab" * 32
+    with caplog.at_level(logging.INFO):
+        cc.log.info("CreateContainer %s phases (s): %s; in the guest: %s", cid[:12], laps,
+                    cc._fmt({"read_spec": 0.012, "crun_create": 0.25}))
+    got = create_phases("\n".join(f"2026-12-08 INFO x: {m}" for m in caplog.messages), [cid, "cd" * 32])
+    assert set(got[0]) == {"overlay", "mounts_and_spec", "bundle_write", "agent_create",
+                           "guest.read_spec", "guest.crun_create"}
+    assert got[0]["guest.crun_create"] == 0.25 and got[1] == {}

@@ -173,8 +173,10 @@ def _recv_pty_master(listener: socket.socket, deadline: float) -> int:
 
 def container_create(agent, params):
     cid = params["id"]
+    t0 = time.monotonic()
     bundle = os.path.join(SHARE_MOUNT, "containers", cid)  # = params["bundle"] in the guest
     spec = _load_config(bundle, params["tty"])
+    phases = {"read_spec": time.monotonic() - t0}
     entry = ContainerEntry(cid, params["tty"], params["stdin"], params["stdin_once"], _cgroup_dir(spec))
     entry.exec_spec = _exec_spec(spec)
     hooks = spec.get("hooks") if isinstance(spec.get("hooks"), dict) else {}
@@ -187,8 +189,11 @@ def container_create(agent, params):
     try:
         shutil.rmtree(state, ignore_errors=True)
         os.makedirs(state, mode=0o700)
+        t1 = time.monotonic()
         config = podenv.prepare_spec(cid, spec, _pod_init(agent), lambda t: _target_pid(agent, t))
+        t2 = time.monotonic()
         _create(agent, entry, bundle, config, state)
+        phases.update(prepare_spec=t2 - t1, crun_create=time.monotonic() - t2)
     except BaseException as e:
         agent.procs.forget(cid)
         entry.close_stdin()
@@ -201,7 +206,7 @@ def container_create(agent, params):
         raise
     finally:
         shutil.rmtree(state, ignore_errors=True)
-    return {"id": cid, "pid": entry.pid}
+    return {"id": cid, "pid": entry.pid, "phases": {k: round(v, 4) for k, v in phases.items()}}
 
 
 def _exec_spec(spec: dict) -> dict:
@@ -210,11 +215,31 @@ def _exec_spec(spec: dict) -> dict:
     return {"linux": keep, "process": {"ioPriority": spec["process"].get("ioPriority")}}
 
 
+_pod_init_lock = threading.Lock()
+
+
 def _pod_init(agent) -> podenv.PodInit:
     _ensure_subreaper()  # the pod init is the launcher's orphan: it must come to the agent
-    if getattr(agent, "pod_init", None) is None:
-        agent.pod_init = podenv.PodInit(agent)
-    return agent.pod_init
+    with _pod_init_lock:
+        if getattr(agent, "pod_init", None) is None:
+            agent.pod_init = podenv.PodInit(agent)
+        return agent.pod_init
+
+
+def pod_init_start(agent, params):
+    """Start the pod init now, in the background: the host asks for it at RunPodSandbox when
+    containers will share the pod's PID namespace, so that the first CreateContainer does not
+    wait for its Python start (~1 s under TCG). A failure here is only logged: the first
+    create that needs the pod init starts it again and reports."""
+    pod_init = _pod_init(agent)
+
+    def start():
+        try:
+            pod_init.ensure()
+        except Exception as e:  # noqa: BLE001 - reported by the create that needs it
+            print(f"vmcri-agent: early pod init start failed: {e}", flush=True)
+    threading.Thread(target=start, name="pod-init-start", daemon=True).start()
+    return {"starting": True}
 
 
 def _target_pid(agent, target: str) -> int:
@@ -461,4 +486,5 @@ HANDLERS = {
     "container_stats": container_stats,
     "sandbox_stats": sandbox_stats,
     "set_sysctls": set_sysctls,
+    "pod_init_start": pod_init_start,
 }

@@ -55,8 +55,19 @@ def _state(r):
     return out
 
 
+CREATE_PHASES = ("read_spec", "prepare_spec", "crun_create")
+
+
+def _create_phases(field, v):
+    """Seconds the agent spent per step: only the known names, each 0..1 day."""
+    if not isinstance(v, dict):
+        raise ProtocolError(f"{field}: expected an object")
+    return {k: float(_number(f"{field}.{k}", v[k], 0.0, 86400.0)) for k in CREATE_PHASES if k in v}
+
+
 def _created(r):
-    return {"id": check_id("id", r.get("id")), **_pick(r, {"pid": lambda f, v: _int(f, v, 0, PID_MAX)})}
+    return {"id": check_id("id", r.get("id")),
+            **_pick(r, {"pid": lambda f, v: _int(f, v, 0, PID_MAX), "phases": _create_phases})}
 
 
 def _str_list(field, v, max_items=64, max_len=512):
@@ -185,6 +196,7 @@ RESULTS = {
     "sandbox_stats": _stats("sandbox_stats"),
     "set_cpus_online": _cpus_online,
     "clone_init": _cloned,
+    "pod_init_start": lambda r: _pick(r, {"starting": _bool}),
 }
 
 
