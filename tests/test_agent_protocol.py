@@ -12,7 +12,7 @@ from vmcri.agent.protocol import ProtocolError
 
 def test_every_method_round_trips_through_the_command_string():
     samples = {
-        "ping": {}, "info": {}, "shutdown": {},
+        "ping": {}, "info": {}, "shutdown": {}, "pod_init_start": {},
         "set_hostname": {"hostname": "pod-1.ns"},
         "write_etc": {"files": {"hosts": "127.0.0.1 localhost\n", "resolv.conf": ""}},
         "configure_nic": {"mac": "02:AB:cd:00:00:01", "addresses": ["10.88.0.2/24", "fd00::2/64"],

@@ -182,6 +182,11 @@ def configure_guest(client, config: pb.PodSandboxConfig, net, sandbox_id: str = 
         raise Unavailable(f"configuring the guest failed: {e}") from e
     except ProtocolError as e:  # refused before it left the host: the pod's own input
         raise InvalidArgument(f"config: {e}") from e
+    if config.linux.security_context.namespace_options.pid == pb.POD:
+        try:  # the pod init's Python start then overlaps the kubelet's next calls
+            client.call("pod_init_start")
+        except AgentError as e:  # an older agent: the first create starts it, as before
+            log.info("pod %s: no early pod init (%s)", sandbox_id[:12], e)
     sysctls = sandbox_sysctls(config)  # guest-wide: the VM is the pod
     if sysctls:
         try:
