@@ -51,10 +51,9 @@ class Config:
     max_memory_mib: int = 2048
     # 32 MiB flushes during boot: 64 cut qemu CPU to agent-ready ~10% for +37 MiB RSS (bench/README.md)
     tcg_tb_cache_mib: int = 64
-    # "loose": container root filesystems through a second 9p view the guest caches (stat and
-    # find 4-12x faster, big fsync'd writes ~9x slower, bench/README.md). Experimental and off:
-    # qemu's qids of files on different host mounts collide, so a cached view can show a
-    # removed container's rootfs for a new one (docs/configuration.md)
+    # "loose": container root filesystems through a second 9p view the guest caches (P9: find
+    # 14-20x, ls -l 3.5x faster, a 64 MiB fsync'd write 8x slower, bench/README.md); qemu's
+    # multidevs=remap keeps qids of different host mounts apart. "none" for write-heavy roots.
     rootfs_cache: str = "loose"
     agent_timeout_s: float = 90.0
     # Warm pool (docs/warm-pool.md): pod VMs of the default shape booted ahead of time.
